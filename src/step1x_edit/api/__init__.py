@@ -1,0 +1,1 @@
+"""HTTP layer: schemas of the hosted API, OpenAI-shaped errors, auth, image decoding."""

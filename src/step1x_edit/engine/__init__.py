@@ -1,0 +1,1 @@
+"""Admission queue, micro-batching and the worker that owns the pipeline."""

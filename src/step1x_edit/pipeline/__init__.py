@@ -1,0 +1,1 @@
+"""Pre/post-processing and the sampling loop on top of `models`."""

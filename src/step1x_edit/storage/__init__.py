@@ -1,0 +1,1 @@
+"""Where output images live behind signed, expiring links."""
