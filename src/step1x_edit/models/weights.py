@@ -107,7 +107,15 @@ DIT_RULES: list[Rule] = [
 ]
 
 
-def vae_rules() -> list[Rule]:
+class RuleSet(list):
+    """Rules plus the number of VAE resolution levels, which the reversed decoder block index (`{0r}`) needs."""
+
+    def __init__(self, rules: Iterable[Rule], n_levels: int = 0):
+        super().__init__(rules)
+        self.n_levels = n_levels
+
+
+def vae_rules(n_levels: int) -> RuleSet:
     """diffusers AutoencoderKL names -> LDM/FLUX `AutoEncoder` names. Decoder up blocks run in reverse order."""
     res = r"(norm1|conv1|norm2|conv2)"
     rules: list[Rule] = []
@@ -128,7 +136,7 @@ def vae_rules() -> list[Rule]:
         (rf"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.conv_shortcut\.{_P}", "decoder.up.{0r}.block.{1}.nin_shortcut.{2}", 0, ""),
         (rf"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.{_P}", "decoder.up.{0r}.upsample.conv.{1}", 0, ""),
     ]
-    return rules
+    return RuleSet(rules, n_levels)
 
 
 def _format(template: str, groups: tuple[str, ...], n_levels: int) -> str:
@@ -143,19 +151,19 @@ def _format(template: str, groups: tuple[str, ...], n_levels: int) -> str:
     return re.sub(r"\{(\d+)(\+1|r)?\}", sub, template)
 
 
-def official_piece(name: str, rules: list[Rule], n_levels: int = 0) -> Piece:
+def official_piece(name: str, rules: list[Rule]) -> Piece:
     for pattern, template, index, transform in rules:
         m = re.fullmatch(pattern, name)
         if m:
-            return Piece(_format(template, m.groups(), n_levels), index, transform)
+            return Piece(_format(template, m.groups(), getattr(rules, "n_levels", 0)), index, transform)
     raise KeyError(f"no official name known for parameter {name!r}")
 
 
-def _pieces(model: nn.Module, rules: list[Rule], n_levels: int) -> dict[str, list[tuple[Piece, str, torch.Size]]]:
+def _pieces(model: nn.Module, rules: list[Rule]) -> dict[str, list[tuple[Piece, str, torch.Size]]]:
     """official key -> [(piece, our name, our shape)] sorted by piece index."""
     groups: dict[str, list[tuple[Piece, str, torch.Size]]] = defaultdict(list)
     for name, p in model.state_dict(keep_vars=True).items():
-        piece = official_piece(name, rules, n_levels)
+        piece = official_piece(name, rules)
         groups[piece.key].append((piece, name, p.shape))
     for items in groups.values():
         items.sort(key=lambda it: it[0].index)
@@ -169,8 +177,8 @@ def _official_shape(items: list[tuple[Piece, str, torch.Size]]) -> tuple[int, ..
     return (sum(s[0] for _, _, s in items), *shape[1:]) if shape else tuple(shape)
 
 
-def expected_official_shapes(model: nn.Module, rules: list[Rule], n_levels: int = 0) -> dict[str, tuple[int, ...]]:
-    return {k: _official_shape(v) for k, v in _pieces(model, rules, n_levels).items()}
+def expected_official_shapes(model: nn.Module, rules: list[Rule]) -> dict[str, tuple[int, ...]]:
+    return {k: _official_shape(v) for k, v in _pieces(model, rules).items()}
 
 
 def _split(tensor: torch.Tensor, items: list[tuple[Piece, str, torch.Size]]) -> dict[str, torch.Tensor]:
@@ -186,11 +194,11 @@ def _split(tensor: torch.Tensor, items: list[tuple[Piece, str, torch.Size]]) -> 
     return {name: part for (_, name, _), part in zip(items, parts)}
 
 
-def to_official(model: nn.Module, rules: list[Rule], n_levels: int = 0) -> dict[str, torch.Tensor]:
+def to_official(model: nn.Module, rules: list[Rule]) -> dict[str, torch.Tensor]:
     """Our state dict in the official key layout (the inverse of loading)."""
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for key, items in _pieces(model, rules, n_levels).items():
+    for key, items in _pieces(model, rules).items():
         piece = items[0][0]
         tensors = [sd[name] for _, name, _ in items]
         if piece.transform == "conv1x1" and tensors[0].ndim == 2:
@@ -255,12 +263,11 @@ def _load_into(
     model: nn.Module,
     file: SafetensorsFile,
     rules: list[Rule],
-    n_levels: int,
     device: torch.device | str,
     dtype: torch.dtype,
     ignore: Iterable[str] = (),
 ) -> nn.Module:
-    groups = _pieces(model, rules, n_levels)
+    groups = _pieces(model, rules)
     _check_keys(file, {k: _official_shape(v) for k, v in groups.items()}, ignore)
     state: dict[str, torch.Tensor] = {}
     for key, items in groups.items():
@@ -353,7 +360,7 @@ def load_dit(
     cfg = with_version(cfg, version) if cfg is not None else infer_dit_config(file, version)
     with torch.device("meta"):
         model = Step1XEditTransformer(cfg)
-    _load_into(model, file, DIT_RULES, 0, device, dtype, ignore)
+    _load_into(model, file, DIT_RULES, device, dtype, ignore)
     return model.eval().requires_grad_(False), version
 
 
@@ -385,7 +392,7 @@ def load_vae(
     cfg = cfg or infer_vae_config(file)
     with torch.device("meta"):
         model = build_vae(cfg)
-    _load_into(model, file, vae_rules(), len(cfg.ch_mult), device, dtype)
+    _load_into(model, file, vae_rules(len(cfg.ch_mult)), device, dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -429,11 +436,11 @@ def vae_config_from_dict(params: Mapping) -> VAEConfig:
     )
 
 
-def save_official(model: nn.Module, rules: list[Rule], path: str | Path, n_levels: int = 0) -> None:
+def save_official(model: nn.Module, rules: list[Rule], path: str | Path) -> None:
     """Write our model in the official layout (tests build checkpoints this way)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in to_official(model, rules, n_levels).items()}, str(path))
+    save_file({k: v.contiguous() for k, v in to_official(model, rules).items()}, str(path))
 
 
 def manifest_shapes(path: str | Path) -> dict[str, list[int]]:

@@ -1,0 +1,241 @@
+"""One batch of edits, start to finish: resize -> VAE encode -> Qwen2.5-VL encode -> denoise -> VAE decode.
+
+Requests in one `run` call must share a `batch_key` (working size, steps, start index, guidance on/off); each
+may have its own prompt, negative prompt, guidance scale and `n`. Image i of a request uses seed + i for
+everything random (initial noise, then the VAE posterior samples of the reference and img2img latents), drawn
+on the CPU so the same seed gives the same noise on any device: an image is reproducible on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image, ImageOps
+
+from ..models import presets
+from ..models import vae as vae_ops
+from ..models.encoder import Step1XConditioner, build_dev_conditioner, load_conditioner
+from ..models.weights import load_dit, load_vae
+from ..settings import Settings
+from . import imaging, sampling
+from .types import EditRequest, EditResult
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class _Prepared:
+    request: EditRequest
+    original_size: tuple[int, int]
+    resized: Image.Image
+    seeds: list[int]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class EditPipeline:
+    def __init__(
+        self,
+        dit: torch.nn.Module,
+        vae: torch.nn.Module,
+        conditioner: Step1XConditioner,
+        version: str,
+        preset: str,
+        size_level: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        vae_dtype: torch.dtype = torch.float32,
+    ):
+        self.dit, self.vae, self.conditioner = dit, vae, conditioner
+        self.version, self.preset, self.size_level = version, preset, size_level
+        self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
+        self.truncate = sampling.DEFAULT_TRUNCATE[version]
+
+    def info(self) -> dict:
+        return {
+            "version": self.version,
+            "preset": self.preset,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "size_level": self.size_level,
+        }
+
+    # --- validation and batching ---------------------------------------------------------------------------
+    def _size_level(self, req: EditRequest) -> int:
+        return req.size_level or self.size_level
+
+    def validate(self, req: EditRequest) -> None:
+        """Raise ValueError (naming the field) for anything the pipeline cannot run."""
+        if not isinstance(req.image, Image.Image):
+            raise ValueError("image: not an image")
+        if not isinstance(req.prompt, str):
+            raise ValueError("prompt: must be a string")
+        if req.n < 1:
+            raise ValueError("n: must be at least 1")
+        if req.steps < 1:
+            raise ValueError("steps: must be at least 1")
+        if not 0.0 <= req.strength <= 1.0:
+            raise ValueError("strength: must be between 0 and 1")
+        if not req.guidance_scale >= 1.0 or req.guidance_scale != req.guidance_scale:
+            raise ValueError("guidance_scale: must be at least 1")
+        if req.seed != -1 and not 0 <= req.seed <= MAX_SEED:
+            raise ValueError(f"seed: must be -1 or in [0, {MAX_SEED}]")
+        level = self._size_level(req)
+        if not 256 <= level <= 2048:
+            raise ValueError("size_level: must be between 256 and 2048")
+        imaging.working_size(*req.image.size, level)
+
+    def batch_key(self, req: EditRequest) -> tuple:
+        """Requests with equal keys can be denoised together in lockstep."""
+        w, h = imaging.working_size(*req.image.size, self._size_level(req))
+        return (w, h, req.steps, sampling.start_index(req.steps, req.strength) if req.strength < 1 else 0,
+                req.guidance_scale > 1.0)
+
+    def _prepare(self, req: EditRequest) -> _Prepared:
+        self.validate(req)
+        image = imaging.to_rgb(ImageOps.exif_transpose(req.image))
+        seed = req.seed if req.seed != -1 else secrets.randbelow(MAX_SEED - req.n)
+        return _Prepared(
+            request=req,
+            original_size=image.size,
+            resized=imaging.resize_for_model(image, self._size_level(req), self.version),
+            seeds=[seed + i for i in range(req.n)],
+        )
+
+    # --- the walk ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(
+        self,
+        requests: list[EditRequest],
+        on_step: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> list[EditResult]:
+        if not requests:
+            return []
+        keys = {self.batch_key(r) for r in requests}
+        if len(keys) != 1:
+            raise ValueError("requests in one batch must share working size, steps, strength start and guidance")
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - clock
+            clock = now
+
+        prepared = [self._prepare(r) for r in requests]
+        guided = requests[0].guidance_scale > 1.0
+        first = requests[0]
+        lap("preprocess")
+
+        # VAE moments of each reference image, then one posterior sample per output image (seeded below).
+        pixels = torch.cat([imaging.pil_to_tensor(p.resized) for p in prepared]).to(self.device, self.vae_dtype)
+        moments = vae_ops.encode_moments(self.vae, pixels).float()
+        lap("vae_encode")
+
+        images = [p.resized for p in prepared]
+        prompts = [p.request.prompt for p in prepared]
+        if guided:
+            enc = self.conditioner.encode(prompts + [p.request.negative_prompt for p in prepared], images + images)
+        else:
+            enc = self.conditioner.encode(prompts, images)
+        lap("encoder")
+
+        per_image = [(j, s) for j, p in enumerate(prepared) for s in p.seeds]
+        rows = torch.tensor([j for j, _ in per_image], device=enc.embeddings.device)
+        r = len(prepared)
+        cond = sampling.Conditioning(enc.embeddings[rows], enc.mask[rows])
+        if guided:
+            cond.neg_embedding, cond.neg_mask = enc.embeddings[rows + r], enc.mask[rows + r]
+        noise, ref_latent, init_latent = self._latents(moments, per_image, use_init=first.strength < 1.0)
+        guidance = torch.tensor([prepared[j].request.guidance_scale for j, _ in per_image])
+        lap("prepare_latents")
+
+        result = sampling.sample(
+            self.dit, noise, ref_latent, cond, first.steps, guidance, self.version,
+            strength=first.strength, init_latent=init_latent, truncate=self.truncate,
+            on_step=on_step, cancelled=cancelled,
+        )
+        lap("denoise")
+
+        decoded = vae_ops.decode(self.vae, result.latent.to(self.vae_dtype))
+        outs = [imaging.tensor_to_pil(img) for img in decoded]
+        lap("vae_decode")
+
+        results, k = [], 0
+        for j, p in enumerate(prepared):
+            imgs = [imaging.restore_size(outs[k + i], p.original_size) for i in range(len(p.seeds))]
+            k += len(p.seeds)
+            text = enc.text_tokens[j] + (enc.text_tokens[j + r] if guided else 0)
+            image_tok = enc.image_tokens[j] + (enc.image_tokens[j + r] if guided else 0)
+            results.append(EditResult(imgs, list(p.seeds), text, image_tok, dict(timings)))
+        lap("postprocess")
+        for res in results:
+            res.timings = dict(timings)
+        return results
+
+    def _latents(self, moments: torch.Tensor, per_image: list[tuple[int, int]], use_init: bool):
+        """Per output image, from its own CPU generator: initial noise, the reference posterior sample and (for
+        img2img) the init-image posterior sample, in that order."""
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar)
+        shape = (1, *mean.shape[1:])
+        cfg = self.vae.config
+        noise, refs, inits = [], [], []
+        for j, seed in per_image:
+            g = torch.Generator().manual_seed(seed)
+            noise.append(torch.randn(shape, generator=g))
+            refs.append(torch.randn(shape, generator=g))
+            if use_init:
+                inits.append(torch.randn(shape, generator=g))
+        dev = mean.device
+        rows = torch.tensor([j for j, _ in per_image], device=dev)
+
+        def posterior(eps: list[torch.Tensor]) -> torch.Tensor:
+            z = mean[rows] + std[rows] * torch.cat(eps).to(dev)
+            return cfg.scaling_factor * (z - cfg.shift_factor)
+
+        return torch.cat(noise).to(dev), posterior(refs), posterior(inits) if use_init else None
+
+
+def build_pipeline(settings: Settings) -> EditPipeline:
+    """The models named by the settings on their device: real weights (`full`) or the tiny random `dev` preset."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    preset = settings.resolved_preset()
+    size_level = settings.size_level or presets.DEFAULT_SIZE_LEVEL[preset]
+    if preset == "dev":
+        log.warning("dev preset: tiny random weights, outputs are noise (set STEP1X_DIT_PATH for the real model)")
+        dit = presets.build_dev_dit(settings.dev_seed).to(device, dtype)
+        vae = presets.build_dev_vae(settings.dev_seed).to(device)
+        conditioner = build_dev_conditioner(seed=settings.dev_seed, device=device, dtype=dtype,
+                                            hidden_size=presets.DEV_ENCODER_HIDDEN)
+        version = presets.DEV_VERSION if settings.version == "auto" else settings.version
+        if version == "v1.0":
+            raise ValueError("the dev preset is a v1.1 model; version v1.0 needs real weights")
+    else:
+        missing = [n for n in ("dit_path", "vae_path", "encoder_path") if getattr(settings, n) is None]
+        if missing:
+            raise ValueError("full preset needs " + ", ".join(f"STEP1X_{n.upper()}" for n in missing))
+        dit, version = load_dit(settings.dit_path, version=settings.version, device=device, dtype=dtype)
+        vae = load_vae(settings.vae_path, device=device)
+        conditioner = load_conditioner(settings.encoder_path, device=device, dtype=dtype)
+    return EditPipeline(dit, vae, conditioner, version, preset, size_level, device, dtype)
