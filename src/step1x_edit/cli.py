@@ -12,9 +12,9 @@ from pathlib import Path
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: STEP1X_* environment, else the dev preset)")
     g.add_argument("--preset", choices=["auto", "dev", "full"], help="dev = tiny random weights (outputs are noise)")
-    g.add_argument("--dit", dest="dit_path", help="official DiT file (step1x-edit-*.safetensors)")
-    g.add_argument("--vae", dest="vae_path", help="vae.safetensors")
-    g.add_argument("--encoder", dest="encoder_path", help="Qwen2.5-VL-7B-Instruct directory")
+    g.add_argument("--dit-path", dest="dit_path", help="official DiT file (step1x-edit-*.safetensors)")
+    g.add_argument("--vae-path", dest="vae_path", help="vae.safetensors")
+    g.add_argument("--encoder-path", dest="encoder_path", help="Qwen2.5-VL-7B-Instruct directory")
     g.add_argument("--version", choices=["auto", "v1.0", "v1.1"], help="override the version detected from the DiT")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default auto)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -98,8 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .api.cli_serve import add_serve_arguments
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    _add_model_arguments(serve)
-    add_serve_arguments(serve)
+    add_serve_arguments(serve)  # model flags included, same names as `edit`
 
     edit = sub.add_parser("edit", help="run one edit locally")
     edit.add_argument("image")
