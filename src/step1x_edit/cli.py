@@ -84,7 +84,7 @@ def _check_reference(args: argparse.Namespace) -> int:
     status = 0
     for d in args.directories:
         print(f"== {d}")
-        status |= check(d)
+        status |= check(d, verbose=args.verbose)
     return status
 
 

@@ -30,6 +30,7 @@ class CaseResult:
     max_err: float | None  # None when skipped
     tol: float
     note: str = ""
+    details: dict[str, float] | None = None  # max abs error per compared tensor
 
     @property
     def status(self) -> str:
@@ -73,7 +74,7 @@ class _Checker:
     def add(self, name: str, errors: dict[str, float], tol: float, note: str = "") -> None:
         worst = max(errors, key=errors.get)
         detail = "bit-exact" if errors[worst] == 0 else (f"worst: {worst}" if len(errors) > 1 else "")
-        self.results.append(CaseResult(name, errors[worst], tol, "; ".join(x for x in (detail, note) if x)))
+        self.results.append(CaseResult(name, errors[worst], tol, "; ".join(x for x in (detail, note) if x), errors))
 
     def has(self, *names: str) -> bool:
         return all(n in self.t for n in names)
@@ -233,7 +234,7 @@ def check_reference(directory: str | Path) -> list[CaseResult]:
     return _Checker(directory).run()
 
 
-def main(directory: str) -> int:
+def main(directory: str, verbose: bool = False) -> int:
     try:
         results = check_reference(directory)
     except (FileNotFoundError, ValueError) as e:
@@ -243,6 +244,9 @@ def main(directory: str) -> int:
     for r in results:
         err = "-" if r.max_err is None else f"{r.max_err:.3g}"
         print(f"{r.name:<40} {err:>12} {r.tol:>10.3g}  {r.status}" + (f"  ({r.note})" if r.note else ""))
+        if verbose and r.details and len(r.details) > 1:
+            for k, v in r.details.items():
+                print(f"  {k:<38} {v:>12.3g}")
     bad = [r for r in results if r.status != "ok"]
     print(f"{len(results) - len(bad)} passed, {len(bad)} failed")
     return 1 if bad else 0
