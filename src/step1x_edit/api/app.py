@@ -1,0 +1,252 @@
+"""The FastAPI app: routes of the hosted API plus operations endpoints, wired to one engine and one store.
+
+`create_app(settings)` is all a caller needs (`cli_serve.py`, tests). The pipeline is built on the worker thread
+after start-up, so `/health` answers at once and `/ready` turns 200 when the weights are loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .. import MODEL_ID, __version__
+from ..engine.metrics import Metrics
+from ..engine.worker import Engine, PipelineLike
+from ..settings import Settings
+from ..storage.local import LocalImageStore
+from .auth import KeyChecker, load_keys
+from .errors import APIError, ErrorResponse, bad_request, install_error_handlers
+from .images import ImageLimits, ImageRef, parse_image_field
+from .links import LinkFetcher, Resolver, system_resolver
+from .middleware import RequestContextMiddleware
+from .schemas import (EditFormParams, GenerationRequest, ImagesResponse, ModelCard, ModelList, edit_form_openapi,
+                      form_to_fields, validate_model)
+from .service import Server, check_model, run_edit
+
+log = logging.getLogger("step1x_edit.api")
+
+_ERR = {"model": ErrorResponse}
+IMAGE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {**_ERR, "description": "Invalid request (the message names the field)"},
+    401: {**_ERR, "description": "Missing or invalid API key"},
+    404: {**_ERR, "description": "Unknown model"},
+    413: {**_ERR, "description": "Body or image too large"},
+    429: {**_ERR, "description": "Queue full (see Retry-After)"},
+    500: {**_ERR, "description": "Internal error"},
+    503: {**_ERR, "description": "Not ready or shutting down"},
+    504: {**_ERR, "description": "Timed out"},
+}
+
+
+def _default_factory(settings: Settings) -> Callable[[], PipelineLike]:
+    def build() -> PipelineLike:
+        from ..pipeline.edit import build_pipeline  # torch is imported on the worker thread, not by the api
+
+        return build_pipeline(settings)
+
+    return build
+
+
+def create_app(settings: Settings | None = None, *, pipeline_factory: Callable[[], PipelineLike] | None = None,
+               resolver: Resolver | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    keys = KeyChecker(load_keys(settings))
+    engine = Engine(pipeline_factory or _default_factory(settings), queue_depth=settings.queue_depth,
+                    batch_max_images=settings.batch_max_images, batch_wait_s=settings.batch_wait_ms / 1000,
+                    metrics=metrics)
+    store = LocalImageStore(settings.storage_dir, expiry_s=settings.url_expiry_s,
+                            key=settings.url_signing_key.get_secret_value().encode() if settings.url_signing_key else None)
+    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    fetcher = LinkFetcher(max_bytes=settings.max_image_bytes, timeout_s=settings.image_fetch_timeout_s,
+                          max_redirects=settings.image_fetch_max_redirects,
+                          allow_private=settings.allow_private_image_urls, resolver=resolver or system_resolver)
+    server = Server(settings=settings, engine=engine, store=store, fetcher=fetcher, limits=limits, metrics=metrics,
+                    started_at=int(time.time()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if keys.open:
+            log.warning("no API key configured (STEP1X_API_KEYS / STEP1X_API_KEYS_FILE): the API is open to anyone "
+                        "who can reach it")
+        if settings.resolved_preset() == "dev":
+            log.warning("DEV PRESET: tiny random weights, every output image is noise; set STEP1X_DIT_PATH, "
+                        "STEP1X_VAE_PATH and STEP1X_ENCODER_PATH for the real model")
+        engine.start()
+        janitor = asyncio.create_task(_janitor(store, settings.janitor_interval_s))
+        try:
+            yield
+        finally:
+            janitor.cancel()
+            log.info("shutting down: draining admitted work (up to %g s)", settings.shutdown_timeout_s)
+            drained = await anyio.to_thread.run_sync(engine.shutdown, settings.shutdown_timeout_s)
+            if not drained:
+                log.warning("shutdown timed out; unfinished jobs were failed")
+
+    app = FastAPI(title="Step1X-Edit server", version=__version__, lifespan=lifespan,
+                  description=f"OpenAI-compatible image editing with {MODEL_ID}. See the schemas for the fields "
+                              "that are ignored.")
+    app.state.server = server
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    _add_routes(app, server)
+    _fix_openapi(app)
+    return app
+
+
+def _add_routes(app: FastAPI, server: Server) -> None:
+    settings = server.settings
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
+              responses=IMAGE_ERRORS, summary="Edit an image (the hosted API's JSON form)")
+    async def generations(body: GenerationRequest, request: Request) -> Any:
+        check_model(body.model)
+        ref = await anyio.to_thread.run_sync(parse_image_field, body.image, server.limits)
+        return await run_edit(server, request, body, ref)
+
+    @app.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
+              responses=IMAGE_ERRORS, openapi_extra=edit_form_openapi(),
+              summary="Edit an image (multipart, as client.images.edit sends it)")
+    async def edits(request: Request) -> Any:
+        ctype = request.headers.get("content-type", "").lower()
+        if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            raise bad_request("This endpoint takes multipart/form-data (fields 'image' and 'prompt')",
+                              code="invalid_content_type")
+        form = await request.form(max_files=8, max_fields=200, max_part_size=settings.max_body_bytes)
+        try:
+            items = list(form.multi_items())
+            files = [v for k, v in items if k in ("image", "image[]") and not isinstance(v, str)]
+            texts = {k: v for k, v in items if isinstance(v, str)}
+            image_text = texts.pop("image", None) or texts.pop("image[]", None)
+            params = validate_model(EditFormParams, form_to_fields(texts))
+            check_model(params.model)
+            if len(files) + (1 if image_text else 0) > 1:
+                raise bad_request(f"'image': exactly one input image is supported, got {len(files)}")
+            if files:
+                upload = files[0]
+                if upload.size is not None and upload.size > settings.max_image_bytes:
+                    raise APIError(413, f"'image' is too large: at most {settings.max_image_bytes} bytes",
+                                   code="image_too_large")
+                ref = ImageRef(data=await upload.read())
+            elif image_text:
+                ref = await anyio.to_thread.run_sync(parse_image_field, image_text, server.limits)
+            else:
+                raise bad_request("Missing required field 'image'", code="missing_required_parameter")
+        finally:
+            await form.close()
+        return await run_edit(server, request, params, ref)
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: _ERR}, summary="The served model")
+    async def models() -> Any:
+        return {"object": "list", "data": [_model_card(server)]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={401: _ERR, 404: _ERR})
+    async def model(model_id: str) -> Any:
+        check_model(model_id)
+        return _model_card(server)
+
+    @app.get("/v1/files/images/{image_id}.png", response_class=FileResponse, responses={
+        200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "PNG"},
+        404: {**_ERR, "description": "Unknown, tampered or expired link"}}, summary="A stored output (signed link)")
+    async def image_file(image_id: str, expires: str | None = None, sig: str | None = None) -> Any:
+        path = server.store.resolve(image_id, expires, sig)
+        if path is None:
+            raise APIError(404, "Image not found: the link is invalid or has expired", code="not_found")
+        remaining = max(0, int(expires or 0) - int(time.time()))
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": f"private, max-age={remaining}"})
+
+    @app.get("/health", summary="Liveness")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: _ERR}, summary="Readiness: weights loaded and worker alive")
+    async def ready() -> Any:
+        if not server.engine.ready:
+            raise APIError(503, f"Not ready: {server.engine.not_ready_reason()}", code="not_ready",
+                           headers={"Retry-After": "5"})
+        return {"status": "ready", "model": MODEL_ID, **server.engine.info}
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Metrics"}})
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _model_card(server: Server) -> dict[str, Any]:
+    info = server.engine.info
+    settings = server.settings
+    preset = info.get("preset") or settings.resolved_preset()
+    version = info.get("version") or (None if settings.version == "auto" else settings.version)
+    return {"id": MODEL_ID, "object": "model", "created": server.started_at, "owned_by": "stepfun-ai",
+            "version": version, "preset": preset, "dev_preset": preset == "dev", "ready": server.engine.ready,
+            "device": info.get("device"), "dtype": info.get("dtype")}
+
+
+async def _janitor(store: LocalImageStore, interval_s: float) -> None:
+    """Delete expired outputs now and every `interval_s`; a failure is logged and retried next round."""
+    while True:
+        try:
+            await anyio.to_thread.run_sync(store.purge_expired)
+        except Exception:  # noqa: BLE001
+            log.exception("janitor failed")
+        await asyncio.sleep(interval_s)
+
+
+def _fix_openapi(app: FastAPI) -> None:
+    """Validation errors are 400 with the error body here, not FastAPI's 422: say so in the schema."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path_item in schema.get("paths", {}).values():
+            for op in path_item.values():
+                responses = op.get("responses", {})
+                if responses.pop("422", None) is not None and "400" not in responses:
+                    responses["400"] = {"description": "Invalid request",
+                                        "content": {"application/json": {"schema": {
+                                            "$ref": "#/components/schemas/ErrorResponse"}}}}
+        comps = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            comps.pop(name, None)
+        # FastAPI passes schemas through float-typed bounds (2^63-1 would become 2^63): use pydantic's own.
+        comps["GenerationRequest"] = GenerationRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema["paths"]["/v1/images/edits"]["post"]["requestBody"] = edit_form_openapi()["requestBody"]
+        _integral_bounds(schema)
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer"}
+        for path, path_item in schema.get("paths", {}).items():
+            if path.startswith("/v1/") and not path.startswith("/v1/files/"):
+                for op in path_item.values():
+                    op["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _integral_bounds(node: Any) -> None:
+    """`maximum: 4.0` -> `4` (exact while below 2^53), so integer fields keep integer bounds."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "default") and \
+                    isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+                node[key] = int(value)
+            else:
+                _integral_bounds(value)
+    elif isinstance(node, list):
+        for item in node:
+            _integral_bounds(item)
+
+
+__all__ = ["create_app"]

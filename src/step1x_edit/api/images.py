@@ -1,0 +1,115 @@
+"""Turning the request's `image` into a checked PIL image: data URI, bare base64, raw upload bytes.
+
+Everything a client sends is hostile until proven otherwise: sizes are checked before work is spent (base64
+length before decoding, the header's pixel count before the pixels are decoded), only PNG/JPEG/WebP are opened,
+and EXIF orientation is applied so a phone photo is edited the way it is displayed. Links are fetched by
+`links.py` and end up here as bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import APIError, bad_request
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+_B64_JUNK = re.compile(rb"[\s]")
+_B64_OK = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int  # encoded size of one input image
+    max_pixels: int  # width * height after decoding the header
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """What the `image` field points at: inline bytes or a link still to fetch."""
+
+    data: bytes | None = None
+    url: str | None = None
+
+
+def parse_image_field(value: str, limits: ImageLimits, field: str = "image") -> ImageRef:
+    """Classify and (for inline data) decode the `image` string; raises 400/413 APIErrors naming `field`."""
+    text = value.strip()
+    if not text:
+        raise bad_request(f"'{field}' is empty: send a data URI, base64 data or an http(s) link")
+    lower = text[:16].lower()
+    if lower.startswith(("http://", "https://")):
+        return ImageRef(url=text)
+    if lower.startswith("data:"):
+        header, sep, payload = text.partition(",")
+        if not sep:
+            raise bad_request(f"'{field}' is a malformed data URI: no ',' after the media type")
+        if not header.lower().endswith(";base64"):
+            raise bad_request(f"'{field}' data URI must be base64-encoded (data:image/png;base64,...)")
+        # The declared media type is not trusted either way: the bytes are sniffed when decoded.
+        return ImageRef(data=decode_base64(payload, limits, field))
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
+        scheme = text.split(":", 1)[0]
+        raise bad_request(f"'{field}' link scheme '{scheme}' is not allowed: only http and https links are fetched")
+    return ImageRef(data=decode_base64(text, limits, field))
+
+
+def decode_base64(payload: str, limits: ImageLimits, field: str = "image") -> bytes:
+    """Strict standard base64 (whitespace and missing padding tolerated); size checked before decoding."""
+    raw = _B64_JUNK.sub(b"", payload.encode("ascii", "replace"))
+    if len(raw) * 3 // 4 > limits.max_bytes + 2:
+        raise APIError(413, f"'{field}' is too large: at most {limits.max_bytes} bytes of image data",
+                       code="image_too_large")
+    raw = raw.rstrip(b"=")
+    if not raw or not _B64_OK.match(raw) or len(raw) % 4 == 1:
+        raise bad_request(f"'{field}' is not valid base64 data, a data URI, or an http(s) link", code="invalid_image")
+    try:
+        data = base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"'{field}' is not valid base64 data", code="invalid_image") from None
+    if len(data) > limits.max_bytes:
+        raise APIError(413, f"'{field}' is too large: at most {limits.max_bytes} bytes of image data",
+                       code="image_too_large")
+    return data
+
+
+def open_image(data: bytes, limits: ImageLimits, field: str = "image") -> Image.Image:
+    """Decode PNG/JPEG/WebP bytes, orientation applied; refuses bombs, oversized and non-images (400/413)."""
+    if len(data) > limits.max_bytes:
+        raise APIError(413, f"'{field}' is too large: at most {limits.max_bytes} bytes of image data",
+                       code="image_too_large")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = img.size  # from the header: nothing decoded yet
+            if width < 1 or height < 1:
+                raise bad_request(f"'{field}' has an empty size {width}x{height}", code="invalid_image")
+            if width * height > limits.max_pixels:
+                raise APIError(413, f"'{field}' is too large: {width}x{height} pixels, at most {limits.max_pixels}",
+                               code="image_too_large")
+            img.load()  # the first frame only, for animated WebP/PNG
+            # Orientation applied here, so that sizes and the output match what the client sees; colour modes
+            # (alpha, palette, 16-bit) are the pipeline's business (`pipeline.imaging.to_rgb`).
+            return ImageOps.exif_transpose(img) or img
+    except APIError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise APIError(413, f"'{field}' is too large (decompression bomb refused)", code="image_too_large") from None
+    except UnidentifiedImageError:
+        raise bad_request(f"'{field}' is not a PNG, JPEG or WebP image", code="invalid_image") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
+        raise bad_request(f"'{field}' could not be decoded: {exc}", code="invalid_image") from None
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """Deterministic PNG bytes (no timestamps), so the same request gives byte-identical files."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=4)
+    return buf.getvalue()

@@ -1,0 +1,101 @@
+"""The outermost layer of every request: request id, auth, body-size limit, crash guard, request metrics.
+
+A plain ASGI middleware (not Starlette's BaseHTTPMiddleware) so the handler still sees the real `receive` —
+which disconnect detection depends on — and so authentication runs before any body byte is read: a client
+without a key cannot make the server buffer 32 MiB.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..engine.metrics import Metrics
+from .auth import KeyChecker
+from .errors import APIError, error_response
+
+log = logging.getLogger("step1x_edit.api")
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Paths that need a key: the API itself. Signed file links are capabilities of their own (like the hosted
+# service's links); health, readiness and metrics are for infrastructure.
+_PROTECTED = ("/v1/",)
+_UNPROTECTED = ("/v1/files/",)
+
+
+def needs_key(path: str) -> bool:
+    return path.startswith(_PROTECTED) and not path.startswith(_UNPROTECTED)
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, keys: KeyChecker, max_body_bytes: int, metrics: Metrics) -> None:
+        self.app = app
+        self.keys = keys
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        incoming = headers.get("x-request-id", "")
+        request_id = incoming if _CLIENT_ID.match(incoming) else f"req_{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.monotonic()
+        status = {"code": 500, "sent": False}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("ascii"))]
+            await send(message)
+
+        try:
+            refusal = self._refuse(scope, headers, request_id)
+            if refusal is not None:
+                await refusal(scope, receive, send_with_id)
+                return
+            await self.app(scope, self._limited(receive), send_with_id)
+        except Exception:  # noqa: BLE001 - anything that escaped the app's own handlers
+            log.exception("unhandled error in request %s", request_id)
+            if not status["sent"]:
+                await error_response(500, "Internal server error", request_id)(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(scope.get("method", ""), label, str(status["code"])).inc()
+            self.metrics.observe_stage("request", time.monotonic() - started)
+
+    def _refuse(self, scope: Scope, headers: Headers, request_id: str):  # noqa: ANN202 - a Response or None
+        if needs_key(scope.get("path", "")):
+            reason = self.keys.check(headers.get("authorization"))
+            if reason is not None:
+                return error_response(401, reason, request_id, headers={"WWW-Authenticate": "Bearer"})
+        declared = headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return error_response(413, f"Request body is too large: at most {self.max_body_bytes} bytes",
+                                  request_id, code="payload_too_large")
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        """`receive` that counts body bytes (chunked uploads have no Content-Length) and stops at the limit."""
+        seen = 0
+        limit = self.max_body_bytes
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise APIError(413, f"Request body is too large: at most {limit} bytes", code="payload_too_large")
+            return message
+
+        return counted

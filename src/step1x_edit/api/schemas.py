@@ -1,0 +1,193 @@
+"""The hosted API's request and response bodies as pydantic models (they also make the OpenAPI schema).
+
+Validation is strict — a string where a number belongs, `4.0` for `n`, or an out-of-range value is a 400, never
+coerced or clamped (design.md). Multipart forms carry only strings, so `form_to_fields` converts them to typed
+values first and the same models validate the result.
+
+Fields other OpenAI clients send and this model has no use for are ignored: `size` values other than
+`512x512`/`768x768`/`1024x1024` (e.g. `auto`), `user`, `quality`, `style`, `background`, `moderation`,
+`output_format`, `output_compression`, `partial_images`, `input_fidelity`, `safety_identifier`, `mask` (edits),
+and any other unknown field. `stream` is accepted only as false.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .. import MODEL_ID
+from ..pipeline.types import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
+from .errors import bad_request, describe_validation_errors
+
+SEED_MAX = 2**63 - 1
+MAX_PROMPT_CHARS = 8192
+# `size` values that pick the working area (StepFun's platform convention for this model); others are ignored.
+SIZE_LEVELS = {"512x512": 512, "768x768": 768, "1024x1024": 1024}
+
+
+class EditParams(BaseModel):
+    """Everything except `model` and `image`: shared by the JSON and the multipart endpoints."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S",
+                        description="Prompt word: the edit instruction (not blank)")
+    n: int | None = Field(1, ge=1, le=4, description="The number of images generated, ranging from 1 to 4")
+    strength: float | None = Field(DEFAULT_STRENGTH, ge=0, le=1, allow_inf_nan=False,
+                                   description="The degree of transformation referenced by the image, from 0 to 1")
+    seed: int | None = Field(-1, ge=-1, le=SEED_MAX,
+                             description="Random seed; -1 = random. Image i of a request uses seed + i; the response "
+                                         "reports each image's seed.")
+    steps: int | None = Field(DEFAULT_STEPS, ge=1, le=50, description="Number of inference steps, from 1 to 50")
+    guidance_scale: float | None = Field(DEFAULT_GUIDANCE, ge=1, le=10, allow_inf_nan=False,
+                                         description="Consistency between output and prompt, in [1, 10]; "
+                                                     "1 turns classifier-free guidance off")
+    negative_prompt: str | None = Field("", max_length=MAX_PROMPT_CHARS,
+                                        description="Content you do not wish to appear in the generated image")
+    response_format: Literal["url", "b64_json"] | None = Field(
+        "url", description="`url` (a signed link valid for 7 days by default) or `b64_json`")
+    size: str | None = Field(None, max_length=64,
+                             description="`512x512`, `768x768` or `1024x1024` picks the working area; "
+                                         "other values (e.g. `auto`) are ignored")
+    stream: Literal[False] | None = Field(None, description="Streaming is not supported; only false is accepted")
+
+    def size_level(self) -> int | None:
+        return SIZE_LEVELS.get((self.size or "").strip().lower())
+
+
+class GenerationRequest(EditParams):
+    """POST /v1/images/generations: the seed's request body."""
+
+    # Any string validates here (the handler answers an unknown model with 404, as OpenAI does); the schema
+    # names the one accepted value so that fuzzers treat other names as invalid input.
+    model: str = Field(description=f"The model name used for this request: {MODEL_ID}",
+                       json_schema_extra={"enum": [MODEL_ID]})
+    image: str = Field(min_length=1, description="Base64 data (bare or a data URI) or an http(s) image link")
+
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={"example": {
+        "model": MODEL_ID, "prompt": "Convert to quick pencil sketch",
+        "image": "data:image/png;base64,iVBORw0KGgo...", "negative_prompt": "blurry, low quality"}})
+
+
+class EditFormParams(EditParams):
+    """POST /v1/images/edits fields besides the image file(s); `model` is optional there as in OpenAI's API."""
+
+    model: str | None = Field(None, description=f"The model name; {MODEL_ID} when omitted",
+                              json_schema_extra={"enum": [MODEL_ID]})
+
+
+# --- responses ---------------------------------------------------------------------------------------------------
+class ImageData(BaseModel):
+    url: str | None = Field(None, description="Signed link to the PNG (response_format=url)")
+    b64_json: str | None = Field(None, description="Base64 PNG (response_format=b64_json)")
+    seed: int = Field(description="The seed this image used (reproduces it alone)")
+
+
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class Usage(BaseModel):
+    input_tokens: int = Field(description="Encoder input tokens, text and image")
+    input_tokens_details: InputTokensDetails
+    output_tokens: int = 0
+    total_tokens: int
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix timestamp (seconds) of when the request was created")
+    data: list[ImageData]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    version: str | None = Field(None, description="Weights version: v1.0 or v1.1")
+    preset: str = Field(description="`dev` (tiny random weights: outputs are noise) or `full`")
+    dev_preset: bool
+    ready: bool
+    device: str | None = None
+    dtype: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- multipart -----------------------------------------------------------------------------------------------------
+_INT = re.compile(r"^[+-]?\d{1,30}$")
+_INT_FIELDS = {"n", "seed", "steps"}
+_FLOAT_FIELDS = {"strength", "guidance_scale"}
+_BOOL_FIELDS = {"stream"}
+_STR_FIELDS = {"prompt", "negative_prompt", "response_format", "size", "model"}
+
+
+def form_to_fields(form: dict[str, str]) -> dict[str, Any]:
+    """Typed values from multipart strings: `""` is null (the default), `"true"/"false"` are booleans,
+    numbers must parse completely. Unknown fields are dropped (ignored)."""
+    out: dict[str, Any] = {}
+    for name, raw in form.items():
+        value = raw.strip()
+        if name in _STR_FIELDS:
+            if value == "" and name != "prompt":
+                out[name] = None
+            else:
+                out[name] = raw if name in ("prompt", "negative_prompt") else value
+        elif value == "" and name in (_INT_FIELDS | _FLOAT_FIELDS | _BOOL_FIELDS):
+            out[name] = None
+        elif name in _INT_FIELDS:
+            if not _INT.match(value):
+                raise bad_request(f"Invalid value for '{name}': expected an integer, got {raw[:40]!r}")
+            out[name] = int(value)
+        elif name in _FLOAT_FIELDS:
+            try:
+                number = float(value)
+            except ValueError:
+                raise bad_request(f"Invalid value for '{name}': expected a number, got {raw[:40]!r}") from None
+            if not math.isfinite(number):
+                raise bad_request(f"Invalid value for '{name}': expected a finite number")
+            out[name] = number
+        elif name in _BOOL_FIELDS:
+            if value.lower() in ("true", "1"):
+                out[name] = True
+            elif value.lower() in ("false", "0"):
+                out[name] = False
+            else:
+                raise bad_request(f"Invalid value for '{name}': expected true or false, got {raw[:40]!r}")
+    return out
+
+
+def validate_model(model_cls: type[BaseModel], data: Any) -> Any:
+    """`model_cls.model_validate` with pydantic errors turned into our 400."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        message, code = describe_validation_errors(list(exc.errors()))
+        raise bad_request(message, code=code) from None
+
+
+def edit_form_openapi() -> dict[str, Any]:
+    """The multipart request body of /v1/images/edits for the OpenAPI document (the handler parses it by hand)."""
+    props: dict[str, Any] = {
+        "image": {"type": "string", "format": "binary", "description": "The input image (PNG, JPEG or WebP)"},
+        "image[]": {"type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": 1,
+                    "description": "The input image, as `client.images.edit(image=[...])` sends it (one image)"},
+    }
+    schema = EditFormParams.model_json_schema()
+    for name, prop in schema["properties"].items():
+        prop = dict(prop)
+        if "anyOf" in prop:  # `X | None`: a form field is a plain value; empty means "default"
+            variants = [v for v in prop.pop("anyOf") if v.get("type") != "null"]
+            prop.update(variants[0])
+        props[name] = prop
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["prompt"], "properties": props,
+        "description": "Send the image as `image` (or `image[]`)"}}}}}

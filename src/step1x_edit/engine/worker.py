@@ -1,0 +1,211 @@
+"""The worker thread that owns the pipeline, and the `Engine` the HTTP layer talks to.
+
+All torch work happens on this one thread: the event loop only enqueues jobs and awaits their futures, so a
+long denoise never stalls other connections, and the pipeline (not thread-safe, one device) is never entered twice.
+The pipeline is built on the worker thread too, so the server answers `/health` while weights load.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
+
+from .metrics import Metrics
+from .queue import EngineClosed, Job, JobQueue, QueueFull
+
+log = logging.getLogger("step1x_edit.engine")
+
+__all__ = ["Engine", "EngineClosed", "NotReady", "PipelineLike", "QueueFull", "Aborted"]
+
+
+class PipelineLike(Protocol):
+    """What the engine needs from `pipeline.edit.EditPipeline`."""
+
+    def run(self, requests: list[Any], on_step: Callable[[int, int], None] | None = None) -> list[Any]: ...
+    def batch_key(self, req: Any) -> Hashable: ...
+    def info(self) -> dict[str, Any]: ...
+
+
+class NotReady(Exception):
+    """The pipeline is still loading, failed to load, or the worker died (HTTP 503)."""
+
+
+class Aborted(Exception):
+    """A pipeline call stopped between steps because every job in it was cancelled."""
+
+
+class Engine:
+    def __init__(self, pipeline_factory: Callable[[], PipelineLike], *, queue_depth: int, batch_max_images: int,
+                 batch_wait_s: float = 0.0, metrics: Metrics | None = None) -> None:
+        self._factory = pipeline_factory
+        self.queue = JobQueue(queue_depth)
+        self.batch_max_images = batch_max_images
+        self.batch_wait_s = batch_wait_s
+        self.metrics = metrics
+        self.pipeline: PipelineLike | None = None
+        self.info: dict[str, Any] = {}
+        self.load_error: BaseException | None = None
+        self._loaded = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="step1x-worker", daemon=True)
+        self._running: list[Job] = []
+        if metrics is not None:
+            metrics.bind_engine(self.stats, lambda: self.ready)
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._loaded.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return (self.pipeline is not None and self._thread.is_alive() and not self.queue.closed)
+
+    def not_ready_reason(self) -> str:
+        if self.queue.closed:
+            return "the server is shutting down"
+        if self.load_error is not None:
+            return f"the model failed to load: {self.load_error}"
+        if self.pipeline is None:
+            return "the model is still loading"
+        if not self._thread.is_alive():
+            return "the worker thread has stopped"
+        return ""
+
+    def shutdown(self, timeout: float) -> bool:
+        """Stop admission, let queued and running jobs finish for up to `timeout` s, then fail what is left.
+        Returns True when everything drained."""
+        self.queue.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        leftovers = self.queue.clear()
+        for job in leftovers:
+            if not job.future.done():
+                job.future.set_exception(EngineClosed("the server shut down before this job ran"))
+        return not self._thread.is_alive() and not leftovers
+
+    # --- admission -----------------------------------------------------------------------------------------
+    def submit(self, request: Any) -> Job:
+        """Queue one request. Raises NotReady, EngineClosed, QueueFull, or ValueError (bad input, from batch_key)."""
+        if self.queue.closed:
+            raise EngineClosed("the server is shutting down")
+        if not self.ready:
+            raise NotReady(self.not_ready_reason())
+        assert self.pipeline is not None
+        job = Job(request=request, key=self.pipeline.batch_key(request), images=max(1, int(request.n)))
+        try:
+            self.queue.put(job)
+        except QueueFull:
+            if self.metrics:
+                self.metrics.jobs.labels("rejected_full").inc()
+            raise
+        return job
+
+    def stats(self) -> dict[str, int]:
+        jobs, images = self.queue.stats()
+        running = self._running
+        return {"queued_jobs": jobs, "queued_images": images, "running_jobs": len(running),
+                "running_images": sum(j.images for j in running)}
+
+    # --- the worker thread ---------------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self.pipeline = self._factory()
+            self.info = dict(self.pipeline.info())
+            log.info("pipeline ready: %s", self.info)
+        except BaseException as exc:  # noqa: BLE001 - reported through /ready and 503s
+            self.load_error = exc
+            log.exception("building the pipeline failed")
+            return
+        finally:
+            self._loaded.set()
+        while True:
+            batch = self.queue.take_batch(self.batch_max_images, self.batch_wait_s)
+            if batch is None:
+                break
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            try:
+                if live:
+                    self._run_batch(live)
+            except BaseException as exc:  # noqa: BLE001 - a bug here must not kill the only worker
+                log.exception("worker error")
+                for job in live:
+                    _settle(job, exc=RuntimeError(f"worker error: {exc!r}"))
+                self._running = []
+        log.info("worker stopped")
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        for job in batch:
+            job.started_at = now
+            if self.metrics:
+                self.metrics.observe_stage("queue", now - job.enqueued_at)
+        self._running = batch
+        try:
+            results = self._call(batch)
+        except Aborted:
+            for job in batch:
+                _settle(job, exc=Aborted("cancelled by the client"))
+            if self.metrics:
+                self.metrics.jobs.labels("aborted").inc(len(batch))
+            return
+        except Exception as exc:  # noqa: BLE001
+            if len(batch) > 1:
+                # One bad request (or an out-of-memory batch) must not fail its companions: retry them alone.
+                log.warning("batch of %d failed (%s); retrying its jobs one by one", len(batch), exc)
+                self._running = []
+                for job in batch:
+                    if job.cancelled:
+                        _settle(job, exc=Aborted("cancelled by the client"))
+                    else:
+                        self._run_batch([job])
+                return
+            log.log(logging.INFO if isinstance(exc, ValueError) else logging.ERROR,
+                    "pipeline call failed: %r", exc, exc_info=not isinstance(exc, ValueError))
+            _settle(batch[0], exc=exc)
+            if self.metrics:
+                self.metrics.jobs.labels("failed").inc()
+            return
+        finally:
+            self._running = []
+        for job, result in zip(batch, results, strict=True):
+            _settle(job, result=result)
+        if self.metrics:
+            self.metrics.jobs.labels("done").inc(len(batch))
+
+    def _call(self, batch: list[Job]) -> list[Any]:
+        assert self.pipeline is not None
+        if self.metrics:
+            self.metrics.batch_requests.observe(len(batch))
+            self.metrics.batch_images.observe(sum(j.images for j in batch))
+
+        def on_step(step: int, total: int) -> None:
+            if all(j.cancelled for j in batch):
+                raise Aborted()
+
+        t0 = time.monotonic()
+        results = self.pipeline.run([j.request for j in batch], on_step=on_step)
+        if len(results) != len(batch):
+            raise RuntimeError(f"pipeline returned {len(results)} results for {len(batch)} requests")
+        if self.metrics:
+            self.metrics.observe_stage("pipeline", time.monotonic() - t0)
+            for name, seconds in (getattr(results[0], "timings", None) or {}).items():
+                self.metrics.observe_stage(f"pipeline_{name}", seconds)
+        return results
+
+
+def _settle(job: Job, *, result: Any = None, exc: BaseException | None = None) -> None:
+    """Resolve a job's future once; an already-resolved future (shutdown race) is left alone."""
+    if job.future.done():
+        return
+    try:
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+    except Exception:  # noqa: BLE001 - InvalidStateError when resolved concurrently
+        pass

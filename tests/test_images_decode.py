@@ -1,0 +1,155 @@
+"""Input image handling (`api/images.py`): the `image` string forms, formats, limits, bombs, EXIF orientation."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from step1x_edit.api.errors import APIError
+from step1x_edit.api.images import ImageLimits, encode_png, open_image, parse_image_field
+
+LIMITS = ImageLimits(max_bytes=200_000, max_pixels=500 * 500)
+
+
+def _img_bytes(fmt: str, size=(40, 30), color=(10, 200, 30), **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _status(exc: pytest.ExceptionInfo) -> tuple[int, str]:
+    return exc.value.status, exc.value.message
+
+
+PNG = _img_bytes("PNG")
+B64 = base64.b64encode(PNG).decode()
+
+
+@pytest.mark.parametrize("value", [
+    "data:image/png;base64," + B64,
+    "data:image/jpeg;base64," + B64,  # the declared type is not trusted: the bytes are sniffed
+    "DATA:image/png;BASE64," + B64,
+    B64,
+    B64.rstrip("="),  # padding may be missing
+    "\n".join(B64[i:i + 76] for i in range(0, len(B64), 76)),  # MIME line breaks
+    "  " + B64 + "\n",
+])
+def test_inline_forms_decode_to_the_same_bytes(value):
+    ref = parse_image_field(value, LIMITS)
+    assert ref.url is None and ref.data == PNG
+
+
+@pytest.mark.parametrize("value", ["http://example.com/a.png", "HTTPS://example.com/a.png?x=1"])
+def test_links_are_recognised(value):
+    ref = parse_image_field(value, LIMITS)
+    assert ref.url == value and ref.data is None
+
+
+@pytest.mark.parametrize("value,fragment", [
+    ("", "is empty"),
+    ("   ", "is empty"),
+    ("ftp://example.com/a.png", "scheme 'ftp'"),
+    ("file:///etc/passwd", "scheme 'file'"),
+    ("data:image/png,notbase64", "must be base64"),
+    ("data:image/png;base64", "malformed data URI"),
+    ("not base64 at all!", "not valid base64"),
+    ("QUJD$$$", "not valid base64"),
+    ("A", "not valid base64"),
+    ("====", "not valid base64"),
+])
+def test_bad_image_strings_are_400_and_name_the_field(value, fragment):
+    with pytest.raises(APIError) as exc:
+        parse_image_field(value, LIMITS)
+    status, message = _status(exc)
+    assert status == 400 and "'image'" in message and fragment in message
+
+
+def test_oversized_base64_is_413_before_decoding():
+    big = "A" * (LIMITS.max_bytes * 2)
+    with pytest.raises(APIError) as exc:
+        parse_image_field(big, LIMITS)
+    assert exc.value.status == 413
+
+
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("JPEG", {"quality": 90}), ("WEBP", {"lossless": True})])
+def test_png_jpeg_webp_open(fmt, kw):
+    img = open_image(_img_bytes(fmt, **kw), LIMITS)
+    assert img.size == (40, 30)
+    assert img.convert("RGB").getpixel((5, 5))[1] > 150
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_other_formats_are_refused(fmt):
+    with pytest.raises(APIError) as exc:
+        open_image(_img_bytes(fmt), LIMITS)
+    assert exc.value.status == 400 and "PNG, JPEG or WebP" in exc.value.message
+
+
+@pytest.mark.parametrize("data", [b"hello, I am text", b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 20, PNG[: len(PNG) // 2]])
+def test_non_images_and_truncated_images_are_400(data):
+    with pytest.raises(APIError) as exc:
+        open_image(data, LIMITS)
+    assert exc.value.status == 400 and "'image'" in exc.value.message
+
+
+def test_too_many_bytes_is_413():
+    with pytest.raises(APIError) as exc:
+        open_image(b"\0" * (LIMITS.max_bytes + 1), LIMITS)
+    assert exc.value.status == 413
+
+
+def test_too_many_pixels_is_413():
+    with pytest.raises(APIError) as exc:
+        open_image(_img_bytes("PNG", size=(600, 600)), LIMITS)
+    assert exc.value.status == 413 and "600x600" in exc.value.message
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (all-zero rows compress to almost nothing)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    raw = zlib.compress(b"\0" * ((width + 1) * 64), 9)  # only a few rows: the header is what matters
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("size", [(100_000, 100_000), (30_000, 30_000), (1000, 1000)])
+def test_decompression_bombs_are_refused_from_the_header(size):
+    bomb = _png_bomb(*size)
+    assert len(bomb) < LIMITS.max_bytes
+    with pytest.raises(APIError) as exc:
+        open_image(bomb, LIMITS)
+    assert exc.value.status == 413
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 10, 20))  # blue on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif, quality=95)
+    out = open_image(buf.getvalue(), LIMITS)
+    assert out.size == (20, 40)  # displayed orientation
+    r, g, b = out.convert("RGB").getpixel((10, 3))  # left edge moved to the top
+    assert b > 200 and r < 60
+
+
+def test_first_frame_of_animated_webp():
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    out = open_image(buf.getvalue(), LIMITS)
+    assert out.convert("RGB").getpixel((8, 8))[0] > 200
+
+
+def test_png_encoding_is_deterministic():
+    img = Image.new("RGB", (33, 17), (1, 2, 3))
+    assert encode_png(img) == encode_png(img.copy())
+    assert Image.open(io.BytesIO(encode_png(img))).format == "PNG"

@@ -1,0 +1,97 @@
+"""Signed, expiring output links (`storage/local.py`): signing, tampering, expiry, janitor, restart."""
+
+from __future__ import annotations
+
+import os
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from step1x_edit.storage.local import LocalImageStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _parts(path: str) -> tuple[str, str, str]:
+    url = urlsplit(path)
+    q = parse_qs(url.query)
+    return url.path.rsplit("/", 1)[1].removesuffix(".png"), q["expires"][0], q["sig"][0]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path, clock) -> LocalImageStore:
+    return LocalImageStore(tmp_path / "images", expiry_s=7 * 24 * 3600, clock=clock)
+
+
+def test_signed_link_resolves_to_the_file(store, clock):
+    image_id = store.save_png(b"png-bytes")
+    path = store.signed_path(image_id)
+    assert path.startswith(f"/v1/files/images/{image_id}.png?expires=")
+    iid, expires, sig = _parts(path)
+    assert int(expires) == int(clock.now) + 7 * 24 * 3600
+    assert store.resolve(iid, expires, sig).read_bytes() == b"png-bytes"
+
+
+def test_tampered_links_do_not_resolve(store):
+    a, b = store.save_png(b"a"), store.save_png(b"b")
+    iid, expires, sig = _parts(store.signed_path(a))
+    flipped = ("0" if sig[0] != "0" else "1") + sig[1:]
+    for args in [(iid, expires, flipped), (iid, str(int(expires) + 1), sig), (b, expires, sig),
+                 (iid, expires, None), (iid, None, sig), (iid, "-5", sig), (iid, expires, ""),
+                 ("../../etc/passwd", expires, sig), (iid.upper(), expires, sig), (iid, expires + "0", sig)]:
+        assert store.resolve(*args) is None, args
+
+
+def test_expired_link_does_not_resolve(store, clock):
+    iid, expires, sig = _parts(store.signed_path(store.save_png(b"x")))
+    clock.now += 7 * 24 * 3600
+    assert store.resolve(iid, expires, sig) is not None  # the last second is still valid
+    clock.now += 1
+    assert store.resolve(iid, expires, sig) is None
+
+
+def test_janitor_deletes_only_expired_files(store, clock, tmp_path):
+    old, new = store.save_png(b"old"), store.save_png(b"new")
+    stale_tmp = store.directory / ".tmp-abc.png"
+    stale_tmp.write_bytes(b"partial")
+    unrelated = store.directory / "README.txt"
+    unrelated.write_text("keep me")
+    week = 7 * 24 * 3600
+    for p in (store.directory / f"{old}.png", stale_tmp, unrelated):
+        os.utime(p, (clock.now - week - 10, clock.now - week - 10))
+    os.utime(store.directory / f"{new}.png", (clock.now - 10, clock.now - 10))
+    assert store.purge_expired() == 2
+    assert not (store.directory / f"{old}.png").exists() and not stale_tmp.exists()
+    assert (store.directory / f"{new}.png").exists() and unrelated.exists()
+    assert (store.directory / ".signing-key").exists()
+
+
+def test_links_and_files_survive_a_restart(tmp_path):
+    first = LocalImageStore(tmp_path / "d", expiry_s=60)
+    iid, expires, sig = _parts(first.signed_path(first.save_png(b"kept")))
+    key_file = tmp_path / "d" / ".signing-key"
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    second = LocalImageStore(tmp_path / "d", expiry_s=60)  # a new process: key read back from the directory
+    assert second.resolve(iid, expires, sig).read_bytes() == b"kept"
+    other = LocalImageStore(tmp_path / "d", expiry_s=60, key=b"k" * 32)  # a configured key differs
+    assert other.resolve(iid, expires, sig) is None
+
+
+def test_configured_key_is_used(tmp_path):
+    a = LocalImageStore(tmp_path / "a", expiry_s=60, key=b"shared-secret-key-0123456789abcdef")
+    iid, expires, sig = _parts(a.signed_path(a.save_png(b"x")))
+    assert not (tmp_path / "a" / ".signing-key").exists()
+    assert a.resolve(iid, expires, sig) is not None
+    assert int(expires) <= time.time() + 61
