@@ -82,3 +82,14 @@ def test_serve_answers_and_sigterm_drains_in_flight_work(tmp_path):
     output = "".join(lines)
     assert f"serving {MODEL} (dev preset) on http://127.0.0.1:{port}/v1" in output
     assert "no API key configured" not in output and KEY not in output
+
+
+def test_access_log_never_shows_link_signatures():
+    import logging
+
+    from step1x_edit.api.cli_serve import _RedactLinkSignatures
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", "/v1/files/images/ab.png?expires=9&sig=deadbeef", "1.1", 200), None)
+    assert _RedactLinkSignatures().filter(record)
+    assert "deadbeef" not in record.getMessage() and "sig=[redacted]" in record.getMessage()

@@ -115,6 +115,12 @@ def test_invalid_requests_name_the_field(pipe, field, value):
         pipe.validate(_req(**{field: value}))
 
 
+def test_seed_plus_n_must_stay_in_range(pipe):
+    with pytest.raises(ValueError, match="seed"):
+        pipe.batch_key(_req(seed=2**63 - 2, n=3))  # refused at admission, not inside a shared batch
+    pipe.validate(_req(seed=2**63 - 3, n=3))
+
+
 def test_odd_inputs_become_rgb_edits(pipe):
     rgba = Image.new("RGBA", (40, 30), (10, 200, 30, 128))
     (r,) = pipe.run([_req(image=rgba)])

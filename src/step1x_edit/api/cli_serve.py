@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -69,6 +70,16 @@ def settings_from_args(args: argparse.Namespace):  # noqa: ANN201 - Settings
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+class _RedactLinkSignatures(logging.Filter):
+    """uvicorn's access log prints the full path; a file link's `sig=` would make the log a list of valid links."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) >= 3 and isinstance(record.args[2], str):
+            path = re.sub(r"([?&]sig=)[^&\s]+", r"\1[redacted]", record.args[2])
+            record.args = (*record.args[:2], path, *record.args[3:])
+        return True
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
@@ -89,6 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"step1x-edit: serving {MODEL_ID} ({settings.resolved_preset()} preset) on http://{host}:{settings.port}/v1"
           f"  (health /health, readiness /ready, metrics /metrics)", flush=True)
+    logging.getLogger("uvicorn.access").addFilter(_RedactLinkSignatures())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s or None, proxy_headers=True)
     server = uvicorn.Server(config)

@@ -17,9 +17,10 @@ from typing import Callable
 import torch
 from PIL import Image, ImageOps
 
-from ..models import presets
+from ..models import fastpath, presets
 from ..models import vae as vae_ops
 from ..models.encoder import Step1XConditioner, build_dev_conditioner, load_conditioner
+from ..models.layouts import V12_REFUSED, resolve_weights
 from ..models.weights import load_dit, load_vae
 from ..settings import Settings
 from . import imaging, sampling
@@ -97,13 +98,17 @@ class EditPipeline:
             raise ValueError("guidance_scale: must be at least 1")
         if req.seed != -1 and not 0 <= req.seed <= MAX_SEED:
             raise ValueError(f"seed: must be -1 or in [0, {MAX_SEED}]")
+        if req.seed != -1 and req.seed + req.n - 1 > MAX_SEED:
+            raise ValueError(f"seed: image i uses seed + i, so seed + n - 1 must be at most {MAX_SEED}")
         level = self._size_level(req)
         if not 256 <= level <= 2048:
             raise ValueError("size_level: must be between 256 and 2048")
         imaging.working_size(*req.image.size, level)
 
     def batch_key(self, req: EditRequest) -> tuple:
-        """Requests with equal keys can be denoised together in lockstep."""
+        """Requests with equal keys can be denoised together in lockstep. Validates first (ValueError), so a bad
+        request is refused at admission instead of failing the batch it would have joined."""
+        self.validate(req)
         w, h = imaging.working_size(*req.image.size, self._size_level(req))
         return (w, h, req.steps, sampling.start_index(req.steps, req.strength) if req.strength < 1 else 0,
                 req.guidance_scale > 1.0)
@@ -232,10 +237,14 @@ def build_pipeline(settings: Settings) -> EditPipeline:
         if version == "v1.0":
             raise ValueError("the dev preset is a v1.1 model; version v1.0 needs real weights")
     else:
-        missing = [n for n in ("dit_path", "vae_path", "encoder_path") if getattr(settings, n) is None]
-        if missing:
-            raise ValueError("full preset needs " + ", ".join(f"STEP1X_{n.upper()}" for n in missing))
-        dit, version = load_dit(settings.dit_path, version=settings.version, device=device, dtype=dtype)
-        vae = load_vae(settings.vae_path, device=device)
-        conditioner = load_conditioner(settings.encoder_path, device=device, dtype=dtype)
-    return EditPipeline(dit, vae, conditioner, version, preset, size_level, device, dtype)
+        # explicit paths > STEP1X_MODEL_DIR > the Hugging Face cache; any layout (see models/layouts.py)
+        plan = resolve_weights(settings)
+        log.info("%s", plan.describe())
+        if plan.version == "v1.2":
+            raise ValueError(f"{plan.dit.path}: {V12_REFUSED}")
+        dit, version = load_dit(plan.dit.path, version=settings.version, device=device, dtype=dtype,
+                                fp8=settings.dit_fp8)
+        vae = load_vae(plan.vae.path, device=device)
+        conditioner = load_conditioner(plan.encoder.path, device=device, dtype=dtype)
+    pipe = EditPipeline(dit, vae, conditioner, version, preset, size_level, device, dtype)
+    return fastpath.apply_performance(pipe, settings)  # performance options; a no-op with the defaults
