@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,13 @@ GOLDEN = SHARED / "golden"
 EXAMPLES = SHARED / "examples"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Tests never see the developer's own configuration or weights: no STEP1X_* settings (but where the shared data and
+# the tokenizer cache are), an empty Hugging Face cache, and no hub access.
+for _var in [v for v in os.environ if v.startswith("STEP1X_") and v not in ("STEP1X_SHARED_DIR", "STEP1X_CACHE_DIR")]:
+    del os.environ[_var]
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="step1x-test-hub-")
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

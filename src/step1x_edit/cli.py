@@ -1,4 +1,4 @@
-"""`step1x-edit`: serve, edit, check-reference."""
+"""`step1x-edit`: serve, edit, check-reference, download."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dit-path", dest="dit_path", help="official DiT file (step1x-edit-*.safetensors)")
     g.add_argument("--vae-path", dest="vae_path", help="vae.safetensors")
     g.add_argument("--encoder-path", dest="encoder_path", help="Qwen2.5-VL-7B-Instruct directory")
+    g.add_argument("--model-dir", dest="model_dir", help="diffusers-style directory or a folder of official files")
+    g.add_argument("--dit-fp8", dest="dit_fp8", action="store_const", const=True,
+                   help="keep the DiT's linear weights in float8 (about half the memory)")
     g.add_argument("--version", choices=["auto", "v1.0", "v1.1"], help="override the version detected from the DiT")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default auto)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -114,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ref = sub.add_parser("check-reference", help="compare against golden tensors of the official code")
     ref.add_argument("directories", nargs="+", metavar="DIR")
+
+    from .download import add_download_arguments
+
+    add_download_arguments(sub.add_parser("download", help="fetch the weights from the Hugging Face Hub and verify them"))
     return parser
 
 
@@ -126,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "edit":
         return _edit(args)
+    if args.command == "download":
+        from .download import run_download
+
+        return run_download(args)
     return _check_reference(args)
 
 

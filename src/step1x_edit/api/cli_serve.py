@@ -26,6 +26,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--dit-path", "dit_path", Path, "DiT checkpoint (.safetensors) or diffusers directory"),
     ("--vae-path", "vae_path", Path, "VAE checkpoint"),
     ("--encoder-path", "encoder_path", Path, "Qwen2.5-VL-7B-Instruct directory"),
+    ("--model-dir", "model_dir", Path, "diffusers-style directory or a folder of official files (STEP1X_MODEL_DIR)"),
     ("--version", "version", str, "auto | v1.0 | v1.1"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--dtype", "dtype", str, "auto | float32 | bfloat16 | float16"),
@@ -56,6 +57,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=f"serve_{field}", type=kind, default=None, help=help_text,
                             choices=_CHOICES.get(field), metavar=None if field in _CHOICES else
                             flag.removeprefix("--").replace("-", "_").upper())
+    parser.add_argument("--dit-fp8", dest="serve_dit_fp8", action="store_const", const=True, default=None,
+                        help="keep the DiT's linear weights in float8 (about half the memory; STEP1X_DIT_FP8)")
     parser.add_argument("--allow-private-image-urls", dest="serve_allow_private_image_urls", action="store_const",
                         const=True, default=None,
                         help="let image links point at loopback/private addresses (tests, trusted networks only)")
@@ -67,6 +70,7 @@ def settings_from_args(args: argparse.Namespace):  # noqa: ANN201 - Settings
 
     overrides = {field: getattr(args, f"serve_{field}") for _, field, _, _ in _FLAGS}
     overrides["allow_private_image_urls"] = getattr(args, "serve_allow_private_image_urls", None)
+    overrides["dit_fp8"] = getattr(args, "serve_dit_fp8", None)
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 

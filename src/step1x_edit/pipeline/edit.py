@@ -228,7 +228,7 @@ def build_pipeline(settings: Settings) -> EditPipeline:
     preset = settings.resolved_preset()
     size_level = settings.size_level or presets.DEFAULT_SIZE_LEVEL[preset]
     if preset == "dev":
-        log.warning("dev preset: tiny random weights, outputs are noise (set STEP1X_DIT_PATH for the real model)")
+        log.warning("dev preset: tiny random weights, outputs are noise (run `step1x-edit download` or set STEP1X_MODEL_DIR for the real model)")
         dit = presets.build_dev_dit(settings.dev_seed).to(device, dtype)
         vae = presets.build_dev_vae(settings.dev_seed).to(device)
         conditioner = build_dev_conditioner(seed=settings.dev_seed, device=device, dtype=dtype,
