@@ -1,4 +1,4 @@
-"""`step1x-edit`: serve, edit, check-reference, download."""
+"""`step1x-edit`: serve, edit, check-reference, download, bench."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default auto)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--size-level", dest="size_level", type=int, help="working area ~ size_level^2 pixels")
+    from .models.fastpath import add_performance_arguments
+
+    add_performance_arguments(p)
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -118,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     ref = sub.add_parser("check-reference", help="compare against golden tensors of the official code")
     ref.add_argument("directories", nargs="+", metavar="DIR")
 
+    from .bench import add_bench_arguments
     from .download import add_download_arguments
 
+    add_bench_arguments(sub.add_parser("bench", help="speed table: full-size model, random weights, GPU (--tiny: CPU smoke run)"))
     add_download_arguments(sub.add_parser("download", help="fetch the weights from the Hugging Face Hub and verify them"))
     return parser
 
@@ -133,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "edit":
         return _edit(args)
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return run_bench(args)
     if args.command == "download":
         from .download import run_download
 

@@ -93,9 +93,10 @@ class Settings(BaseSettings):
     vae_bf16: bool = False  # VAE in bf16 (official v1.0 decodes in fp32)
     vae_channels_last: bool = False
     # Approximate, opt-in: first-block step cache (skip the rest of the DiT when the first block's residual changed
-    # by less than this relative L1 since the last full step; 0 = off) and torchao float8 DiT linears (needs torchao
-    # and an fp8-capable GPU).
+    # by less than this relative L1 since the last full step; 0 = off) and float8 matmuls (torchao dynamic float8
+    # quantisation of the DiT blocks' linears; needs torchao and an fp8-capable GPU; unlike `dit_fp8`, which only
+    # stores the weights in float8, this changes the arithmetic; the two combine).
     step_cache_threshold: float = Field(0.0, ge=0.0, le=1.0)
-    fp8: bool = False
+    fp8_dynamic: bool = False
     # Memory: `model` keeps encoder / DiT / VAE on the CPU and moves each to the device only while it runs.
     offload: Literal["none", "model"] = "none"

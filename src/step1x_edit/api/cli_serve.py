@@ -57,6 +57,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=f"serve_{field}", type=kind, default=None, help=help_text,
                             choices=_CHOICES.get(field), metavar=None if field in _CHOICES else
                             flag.removeprefix("--").replace("-", "_").upper())
+    from ..models.fastpath import add_performance_arguments
+
+    add_performance_arguments(parser, prefix="serve_")
     parser.add_argument("--dit-fp8", dest="serve_dit_fp8", action="store_const", const=True, default=None,
                         help="keep the DiT's linear weights in float8 (about half the memory; STEP1X_DIT_FP8)")
     parser.add_argument("--allow-private-image-urls", dest="serve_allow_private_image_urls", action="store_const",
@@ -71,6 +74,9 @@ def settings_from_args(args: argparse.Namespace):  # noqa: ANN201 - Settings
     overrides = {field: getattr(args, f"serve_{field}") for _, field, _, _ in _FLAGS}
     overrides["allow_private_image_urls"] = getattr(args, "serve_allow_private_image_urls", None)
     overrides["dit_fp8"] = getattr(args, "serve_dit_fp8", None)
+    from ..models.fastpath import performance_overrides
+
+    overrides.update(performance_overrides(args, prefix="serve_"))
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 

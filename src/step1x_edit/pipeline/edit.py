@@ -242,9 +242,11 @@ def build_pipeline(settings: Settings) -> EditPipeline:
         log.info("%s", plan.describe())
         if plan.version == "v1.2":
             raise ValueError(f"{plan.dit.path}: {V12_REFUSED}")
-        dit, version = load_dit(plan.dit.path, version=settings.version, device=device, dtype=dtype,
+        # with offload, weights stay in host memory and each component visits the device only while it runs
+        load_to = torch.device("cpu") if settings.offload != "none" else device
+        dit, version = load_dit(plan.dit.path, version=settings.version, device=load_to, dtype=dtype,
                                 fp8=settings.dit_fp8)
-        vae = load_vae(plan.vae.path, device=device)
-        conditioner = load_conditioner(plan.encoder.path, device=device, dtype=dtype)
+        vae = load_vae(plan.vae.path, device=load_to)
+        conditioner = load_conditioner(plan.encoder.path, device=load_to, dtype=dtype)
     pipe = EditPipeline(dit, vae, conditioner, version, preset, size_level, device, dtype)
     return fastpath.apply_performance(pipe, settings)  # performance options; a no-op with the defaults
