@@ -75,50 +75,9 @@ BENCH_VAE = VAEConfig()
 
 def qwen25_vl_7b_config():
     """Qwen2.5-VL-7B-Instruct's published config.json values (text and vision), transformers 5 layout."""
-    from transformers import Qwen2_5_VLConfig
+    from .models.encoder import full_config
 
-    from .models import qwen_vocab
-
-    text = {
-        "vocab_size": 152064,
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "hidden_act": "silu",
-        "max_position_embeddings": 128000,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-        "use_cache": False,
-        "tie_word_embeddings": False,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-    }
-    vision = {
-        "depth": 32,
-        "hidden_size": 1280,
-        "intermediate_size": 3420,
-        "num_heads": 16,
-        "in_channels": 3,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "tokens_per_second": 2,
-        "window_size": 112,
-        "out_hidden_size": 3584,
-        "fullatt_block_indexes": [7, 15, 23, 31],
-        "hidden_act": "silu",
-    }
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=qwen_vocab.IMAGE_PAD_ID,
-        video_token_id=151656,
-        vision_start_token_id=qwen_vocab.VISION_START_ID,
-        vision_end_token_id=qwen_vocab.VISION_END_ID,
-        tie_word_embeddings=False,
-    )
+    return full_config()
 
 
 @dataclass(frozen=True)

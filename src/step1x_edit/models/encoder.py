@@ -431,35 +431,45 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * hw, hw, hw]
 
 
-def dev_config(hidden_size: int = 64):
-    """A tiny Qwen2.5-VL config with the real token ids, patching and merge sizes."""
+def qwen25_vl_config(
+    hidden_size: int,
+    intermediate_size: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vision_depth: int,
+    vision_hidden: int,
+    vision_intermediate: int,
+    vision_heads: int,
+    fullatt_blocks: list[int],
+    tie_word_embeddings: bool,
+):
+    """A Qwen2.5-VL config with the real token ids, vocabulary size, rope, patching and merge sizes; only the
+    widths and depths vary (`full_config` = the 7B's published values, `dev_config` = a tiny one)."""
     from transformers import Qwen2_5_VLConfig
 
-    if hidden_size % 8 or hidden_size < 16:
-        raise ValueError(f"dev hidden_size must be a multiple of 8 and >= 16, got {hidden_size}")
-    heads = 4
-    head_dim = hidden_size // heads
     text = {
         "vocab_size": DEV_VOCAB_SIZE,
         "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": 2,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": 2,
+        "num_key_value_heads": kv_heads,
         "hidden_act": "silu",
         "max_position_embeddings": 128000,
         "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": _mrope_section(head_dim)},
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                            "mrope_section": _mrope_section(hidden_size // heads)},
         "use_cache": False,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tie_word_embeddings,
         "bos_token_id": 151643,
         "eos_token_id": 151645,
     }
     vision = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
+        "depth": vision_depth,
+        "hidden_size": vision_hidden,
+        "intermediate_size": vision_intermediate,
+        "num_heads": vision_heads,
         "in_channels": 3,
         "patch_size": 14,
         "spatial_merge_size": 2,
@@ -467,7 +477,7 @@ def dev_config(hidden_size: int = 64):
         "tokens_per_second": 2,
         "window_size": 112,
         "out_hidden_size": hidden_size,
-        "fullatt_block_indexes": [1],
+        "fullatt_block_indexes": fullatt_blocks,
         "hidden_act": "silu",
     }
     return Qwen2_5_VLConfig(
@@ -477,8 +487,20 @@ def dev_config(hidden_size: int = 64):
         video_token_id=151656,
         vision_start_token_id=qwen_vocab.VISION_START_ID,
         vision_end_token_id=qwen_vocab.VISION_END_ID,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
     )
+
+
+def full_config():
+    """Qwen2.5-VL-7B-Instruct's published config.json values (for building it with random weights: benchmarks)."""
+    return qwen25_vl_config(3584, 18944, 28, 28, 4, 32, 1280, 3420, 16, [7, 15, 23, 31], tie_word_embeddings=False)
+
+
+def dev_config(hidden_size: int = 64):
+    """A tiny Qwen2.5-VL config with the real token ids, patching and merge sizes."""
+    if hidden_size % 8 or hidden_size < 16:
+        raise ValueError(f"dev hidden_size must be a multiple of 8 and >= 16, got {hidden_size}")
+    return qwen25_vl_config(hidden_size, 2 * hidden_size, 2, 4, 2, 2, 32, 64, 2, [1], tie_word_embeddings=True)
 
 
 def _fill_deterministic(model: torch.nn.Module, seed: int) -> None:
