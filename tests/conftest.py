@@ -18,7 +18,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # Tests never see the developer's own configuration or weights: no STEP1X_* settings (but where the shared data and
 # the tokenizer cache are), an empty Hugging Face cache, and no hub access.
-for _var in [v for v in os.environ if v.startswith("STEP1X_") and v not in ("STEP1X_SHARED_DIR", "STEP1X_CACHE_DIR")]:
+# (the browser test's own switches, not settings, stay too)
+_KEEP = ("STEP1X_SHARED_DIR", "STEP1X_CACHE_DIR", "STEP1X_SKIP_BROWSER", "STEP1X_CHROMIUM", "STEP1X_UPDATE_SCREENSHOT")
+for _var in [v for v in os.environ if v.startswith("STEP1X_") and v not in _KEEP]:
     del os.environ[_var]
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="step1x-test-hub-")
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -92,13 +92,24 @@ def wait_until(check: Callable[[], bool], timeout: float = 60, interval: float =
 
 
 def start_server(settings: Any, *, pipeline_factory: Callable[[], Any] | None = None,
-                 wait_ready: bool = True, timeout: float = 120) -> RunningServer:
+                 wait_ready: bool = True, timeout: float = 120, resolver: Any = None,
+                 offline_links: bool = False) -> RunningServer:
+    """`resolver`: a fake DNS for image links. `offline_links`: image links are refused before any lookup or
+    connection (fuzzing sends random URLs; nothing may leave the machine)."""
     import uvicorn
 
     from step1x_edit.api.app import create_app
 
     port = free_port()
-    app = create_app(settings, pipeline_factory=pipeline_factory)
+    app = create_app(settings, pipeline_factory=pipeline_factory, resolver=resolver)
+    if offline_links:
+        from step1x_edit.api.links import LinkFetcher
+
+        async def no_dns(host: str, port: int) -> list[str]:
+            raise OSError("name resolution is disabled in this test")
+
+        app.state.server.fetcher = LinkFetcher(max_bytes=settings.max_image_bytes, timeout_s=2, max_redirects=0,
+                                               resolver=no_dns, address_allowed=lambda ip: False)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
@@ -151,7 +162,7 @@ class ImageSite:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:

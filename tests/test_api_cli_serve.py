@@ -81,6 +81,7 @@ def test_serve_answers_and_sigterm_drains_in_flight_work(tmp_path):
     reader.join(10)
     output = "".join(lines)
     assert f"serving {MODEL} (dev preset) on http://127.0.0.1:{port}/v1" in output
+    assert f"playground  http://127.0.0.1:{port}/\n" in output and f"API docs    http://127.0.0.1:{port}/docs" in output
     assert "no API key configured" not in output and KEY not in output
 
 

@@ -23,7 +23,8 @@ def test_defaults_are_the_seeds():
     ("steps", 0), ("steps", 51), ("steps", 20.0),
     ("guidance_scale", 0.99), ("guidance_scale", 10.01), ("guidance_scale", False),
     ("response_format", "png"), ("negative_prompt", 3), ("prompt", ""), ("prompt", "   "), ("prompt", 5),
-    ("model", None), ("image", ""), ("image", 1), ("stream", True), ("size", 512), ("prompt", "x" * 9000),
+    ("model", None), ("image", ""), ("image", 1), ("stream", "true"), ("stream", 1),
+    ("partial_images", 4), ("partial_images", -1), ("partial_images", 1.0), ("stream_progress", "yes"), ("size", 512), ("prompt", "x" * 9000),
 ])
 def test_out_of_range_or_wrong_type_is_400_naming_the_field(field, value):
     with pytest.raises(APIError) as exc:
@@ -34,7 +35,8 @@ def test_out_of_range_or_wrong_type_is_400_naming_the_field(field, value):
 @pytest.mark.parametrize("field,value", [
     ("n", 1), ("n", 4), ("strength", 0), ("strength", 1), ("seed", 0), ("seed", 2**63 - 1), ("seed", -1),
     ("steps", 1), ("steps", 50), ("guidance_scale", 1), ("guidance_scale", 10), ("response_format", "b64_json"),
-    ("n", None), ("stream", False), ("size", "auto"), ("user", "u-1"), ("quality", "high"), ("unknown", [1]),
+    ("n", None), ("stream", False), ("stream", True), ("partial_images", 0), ("partial_images", 3),
+    ("stream_progress", True), ("size", "auto"), ("user", "u-1"), ("quality", "high"), ("unknown", [1]),
 ])
 def test_edges_and_ignored_extras_are_accepted(field, value):
     validate_model(GenerationRequest, {**BASE, field: value})

@@ -220,7 +220,7 @@ def test_raw_multipart_empty_strings_are_defaults(main):
 @pytest.mark.parametrize("data,fragment", [
     ({"prompt": "p", "n": "five"}, "'n'"),
     ({"prompt": "p", "steps": "0"}, "'steps'"),
-    ({"prompt": "p", "stream": "true"}, "'stream'"),
+    ({"prompt": "p", "stream": "sure"}, "'stream'"), ({"prompt": "p", "partial_images": "4"}, "'partial_images'"),
     ({"prompt": "p", "guidance_scale": "abc"}, "'guidance_scale'"),
     ({"prompt": ""}, "'prompt'"),
     ({"n": "1"}, "Missing required field 'prompt'"),
@@ -281,7 +281,7 @@ BAD_FIELDS = [
     ({"steps": 0}, "'steps'"), ({"steps": 51}, "'steps'"), ({"steps": 2.5}, "'steps'"),
     ({"guidance_scale": 0.5}, "'guidance_scale'"), ({"guidance_scale": 11}, "'guidance_scale'"),
     ({"negative_prompt": ["a"]}, "'negative_prompt'"), ({"response_format": "png"}, "'response_format'"),
-    ({"stream": True}, "'stream'"), ({"image": ""}, "'image'"), ({"image": "%%%notbase64"}, "'image'"),
+    ({"stream": "true"}, "'stream'"), ({"partial_images": 4}, "'partial_images'"), ({"image": ""}, "'image'"), ({"image": "%%%notbase64"}, "'image'"),
     ({"image": base64.b64encode(b"just some text, not an image").decode()}, "'image'"),
     ({"image": base64.b64encode(b"GIF89a" + b"\0" * 30).decode()}, "'image'"),
 ]

@@ -23,6 +23,8 @@ def test_edit_example_writes_png_of_input_size(examples_dir, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "dev preset" in p.stderr  # says loudly that the output is noise
     assert "seed 7" in p.stdout
+    assert "denoise" in p.stderr and "2/2" in p.stderr  # the progress bar, per step
+    assert p.stdout.startswith(f"wrote {out}: 1024x1536, seed 7, ") and " s (dev preset, cpu)" in p.stdout
     with Image.open(out) as img, Image.open(src) as ref:
         assert img.format == "PNG" and img.size == ref.size
 

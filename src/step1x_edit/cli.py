@@ -64,8 +64,11 @@ def _edit(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .pipeline.sampling import start_index
+
     start = time.perf_counter()
-    with tqdm(total=None, unit="step", desc="denoise", file=sys.stderr) as bar:
+    steps = req.steps - (start_index(req.steps, req.strength) if req.strength < 1 else 0)  # img2img skips some
+    with tqdm(total=steps, unit="step", desc="denoise", file=sys.stderr) as bar:
         def on_step(i: int, total: int) -> None:
             bar.total = total
             bar.update(i - bar.n)

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(60.0, ge=0)  # graceful shutdown: how long to drain admitted work
     # Input limits: whole request body, one input image's encoded bytes and decoded pixels, and links.
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # The whole request body must arrive within this many seconds (408 otherwise): a client trickling its upload
+    # (slow loris) cannot hold a connection and a buffer for long.
+    body_timeout_s: float = Field(60.0, gt=0)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)
     image_fetch_timeout_s: float = Field(10.0, gt=0)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,12 +26,15 @@ from ..settings import Settings
 from ..storage.local import LocalImageStore
 from .auth import KeyChecker, load_keys
 from .errors import APIError, ErrorResponse, bad_request, install_error_handlers
+from .forms import IMAGE_FIELDS, read_form, reject_duplicate_json_keys, text_fields
 from .images import ImageLimits, ImageRef, parse_image_field
 from .links import LinkFetcher, Resolver, system_resolver
 from .middleware import RequestContextMiddleware
 from .schemas import (EditFormParams, GenerationRequest, ImagesResponse, ModelCard, ModelList, edit_form_openapi,
                       form_to_fields, validate_model)
 from .service import Server, check_model, run_edit
+from .playground import add_playground
+from .streaming import add_stream_docs, stream_edit
 
 log = logging.getLogger("step1x_edit.api")
 
@@ -45,6 +48,7 @@ IMAGE_ERRORS: dict[int | str, dict[str, Any]] = {
     500: {**_ERR, "description": "Internal error"},
     503: {**_ERR, "description": "Not ready or shutting down"},
     504: {**_ERR, "description": "Timed out"},
+    507: {**_ERR, "description": "No storage left for the output (response_format=url)"},
 }
 
 
@@ -98,8 +102,10 @@ def create_app(settings: Settings | None = None, *, pipeline_factory: Callable[[
                               "that are ignored.")
     app.state.server = server
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes, metrics=metrics,
+                       body_timeout_s=settings.body_timeout_s)
     _add_routes(app, server)
+    add_playground(app)
     _fix_openapi(app)
     return app
 
@@ -108,10 +114,13 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     settings = server.settings
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-              responses=IMAGE_ERRORS, summary="Edit an image (the hosted API's JSON form)")
+              responses=IMAGE_ERRORS, summary="Edit an image (the hosted API's JSON form)",
+              dependencies=[Depends(reject_duplicate_json_keys)])
     async def generations(body: GenerationRequest, request: Request) -> Any:
         check_model(body.model)
         ref = await anyio.to_thread.run_sync(parse_image_field, body.image, server.limits)
+        if body.stream:
+            return await stream_edit(server, request, body, ref, "image_generation")
         return await run_edit(server, request, body, ref)
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
@@ -122,16 +131,18 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             raise bad_request("This endpoint takes multipart/form-data (fields 'image' and 'prompt')",
                               code="invalid_content_type")
-        form = await request.form(max_files=8, max_fields=200, max_part_size=settings.max_body_bytes)
+        form = await read_form(request, max_files=8, max_fields=200, max_part_size=settings.max_body_bytes)
         try:
             items = list(form.multi_items())
-            files = [v for k, v in items if k in ("image", "image[]") and not isinstance(v, str)]
-            texts = {k: v for k, v in items if isinstance(v, str)}
-            image_text = texts.pop("image", None) or texts.pop("image[]", None)
+            files = [v for k, v in items if k in IMAGE_FIELDS and not isinstance(v, str)]
+            texts = text_fields(items, EditFormParams.model_fields)
+            image_texts = [t for t in (texts.pop(k, None) for k in IMAGE_FIELDS) if t]
+            image_text = image_texts[0] if image_texts else None
             params = validate_model(EditFormParams, form_to_fields(texts))
             check_model(params.model)
-            if len(files) + (1 if image_text else 0) > 1:
-                raise bad_request(f"'image': exactly one input image is supported, got {len(files)}")
+            if len(files) + len(image_texts) > 1:
+                raise bad_request("'image': exactly one input image is supported, got "
+                                  f"{len(files) + len(image_texts)}")
             if files:
                 upload = files[0]
                 if upload.size is not None and upload.size > settings.max_image_bytes:
@@ -144,6 +155,8 @@ def _add_routes(app: FastAPI, server: Server) -> None:
                 raise bad_request("Missing required field 'image'", code="missing_required_parameter")
         finally:
             await form.close()
+        if params.stream:
+            return await stream_edit(server, request, params, ref, "image_edit")
         return await run_edit(server, request, params, ref)
 
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERR}, summary="The served model")
@@ -222,6 +235,7 @@ def _fix_openapi(app: FastAPI) -> None:
         # FastAPI passes schemas through float-typed bounds (2^63-1 would become 2^63): use pydantic's own.
         comps["GenerationRequest"] = GenerationRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         schema["paths"]["/v1/images/edits"]["post"]["requestBody"] = edit_form_openapi()["requestBody"]
+        add_stream_docs(schema)
         _integral_bounds(schema)
         schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer"}

@@ -45,8 +45,17 @@ class KeyChecker:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             return "Malformed Authorization header: expected 'Bearer <key>'"
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        digest = hashlib.sha256(_raw_bytes(token)).digest()
         ok = False
         for known in self._digests:  # no early exit: the time does not depend on which key matched
             ok |= hmac.compare_digest(digest, known)
         return None if ok else "Incorrect API key provided"
+
+
+def _raw_bytes(token: str) -> bytes:
+    """The key's bytes as sent: HTTP header values arrive decoded as latin-1, so a UTF-8 key (non-ASCII) is
+    recovered by encoding back to latin-1; anything else (a caller passing text) is taken as UTF-8."""
+    try:
+        return token.encode("latin-1")
+    except UnicodeEncodeError:
+        return token.encode("utf-8", "surrogateescape")

@@ -41,6 +41,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--b64-style", "b64_json_style", str, "plain | data_uri: the form of b64_json (default plain)"),
     ("--api-keys-file", "api_keys_file", Path, "file with one API key a line"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body (default 32 MiB)"),
+    ("--body-timeout", "body_timeout_s", float, "seconds a request body may take to arrive before 408 (default 60)"),
     ("--max-image-bytes", "max_image_bytes", int, "largest input image file (default 20 MiB)"),
     ("--max-image-pixels", "max_image_pixels", int, "largest input image in pixels (default 4096*4096)"),
     ("--log-level", "log_level", str, "critical | error | warning | info | debug"),
@@ -110,6 +111,10 @@ def run_serve(args: argparse.Namespace) -> int:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"step1x-edit: serving {MODEL_ID} ({settings.resolved_preset()} preset) on http://{host}:{settings.port}/v1"
           f"  (health /health, readiness /ready, metrics /metrics)", flush=True)
+    # a wildcard address is where the server listens, not where a browser goes: show this machine's loopback
+    browse = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(settings.host, host)
+    print(f"  playground  http://{browse}:{settings.port}/\n  API docs    http://{browse}:{settings.port}/docs",
+          flush=True)
     logging.getLogger("uvicorn.access").addFilter(_RedactLinkSignatures())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s or None, proxy_headers=True)

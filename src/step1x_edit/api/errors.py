@@ -25,11 +25,13 @@ _KINDS: dict[int, tuple[str, str]] = {
     401: ("invalid_request_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "payload_too_large"),
     429: ("rate_limit_error", "queue_full"),
     500: ("server_error", "internal_error"),
     503: ("server_error", "service_unavailable"),
     504: ("timeout_error", "timeout"),
+    507: ("server_error", "insufficient_storage"),
 }
 
 
@@ -121,6 +123,23 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str]:
     return "; ".join(parts) or "Invalid request", code
 
 
+# FastAPI's message when reading the JSON body fails with something other than a JSON syntax error.
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
+def describe_body_error(cause: BaseException | None) -> tuple[str, str]:
+    """A clear message for a JSON body that json.loads could not take: bad UTF-8, absurd nesting, huge integers."""
+    if isinstance(cause, UnicodeError):
+        return "Request body is not valid UTF-8: send a UTF-8 encoded JSON object", "invalid_json"
+    if isinstance(cause, RecursionError):
+        return "Request body is not acceptable JSON: it is nested too deeply", "invalid_json"
+    if isinstance(cause, ValueError) and "digits" in str(cause):  # Python's int-conversion limit (4300 digits)
+        return "Request body is not acceptable JSON: a number in it has too many digits", "invalid_json"
+    if isinstance(cause, ValueError):
+        return f"Request body is not acceptable JSON: {str(cause)[:200]}", "invalid_json"
+    return "Request body could not be read as JSON", "invalid_json"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every failure FastAPI/Starlette can produce onto the error body."""
 
@@ -143,6 +162,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"Method {request.method} is not allowed on {request.url.path}"
         elif status == 413:
             message = "Request body is too large"
+        elif status == 400 and exc.detail == _FASTAPI_BODY_ERROR:
+            message, code = describe_body_error(exc.__cause__)
+            return error_response(400, message, request_id_of(request), code=code)
         else:
             message = str(exc.detail)
         headers = dict(exc.headers) if exc.headers else None

@@ -100,8 +100,12 @@ def open_image(data: bytes, limits: ImageLimits, field: str = "image") -> Image.
             return ImageOps.exif_transpose(img) or img
     except APIError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise APIError(413, f"'{field}' is too large (decompression bomb refused)", code="image_too_large") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow refuses before we see the header's size; its message has the pixel count.
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f": {int(claimed.group(1))} pixels, at most {limits.max_pixels}" if claimed else ""
+        raise APIError(413, f"'{field}' is too large{size} (decompression bomb refused)",
+                       code="image_too_large") from None
     except UnidentifiedImageError:
         raise bad_request(f"'{field}' is not a PNG, JPEG or WebP image", code="invalid_image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data

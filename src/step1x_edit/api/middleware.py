@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,11 +34,13 @@ def needs_key(path: str) -> bool:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, keys: KeyChecker, max_body_bytes: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, keys: KeyChecker, max_body_bytes: int, metrics: Metrics,
+                 body_timeout_s: float | None = None) -> None:
         self.app = app
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,17 +88,32 @@ class RequestContextMiddleware:
         return None
 
     def _limited(self, receive: Receive) -> Receive:
-        """`receive` that counts body bytes (chunked uploads have no Content-Length) and stops at the limit."""
+        """`receive` that counts body bytes (chunked uploads have no Content-Length) and stops at the limit, and
+        that gives the body `body_timeout_s` to arrive in full (408). Once the body is complete, `receive` only
+        reports a disconnect, and is left alone."""
         seen = 0
         limit = self.max_body_bytes
+        deadline = None if self.body_timeout_s is None else time.monotonic() + self.body_timeout_s
+        complete = False
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete or deadline is None:
+                message = await receive()
+            else:
+                with anyio.move_on_after(max(0.0, deadline - time.monotonic())) as scope:
+                    message = await receive()
+                if scope.cancelled_caught:
+                    raise APIError(408, f"The request body did not arrive within {self.body_timeout_s:g} s",
+                                   code="body_timeout")
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise APIError(413, f"Request body is too large: at most {limit} bytes", code="payload_too_large")
+                if not message.get("more_body", False):
+                    complete = True
+            else:
+                complete = True  # http.disconnect: nothing more will come
             return message
 
         return counted

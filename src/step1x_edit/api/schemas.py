@@ -6,8 +6,9 @@ values first and the same models validate the result.
 
 Fields other OpenAI clients send and this model has no use for are ignored: `size` values other than
 `512x512`/`768x768`/`1024x1024` (e.g. `auto`), `user`, `quality`, `style`, `background`, `moderation`,
-`output_format`, `output_compression`, `partial_images`, `input_fidelity`, `safety_identifier`, `mask` (edits),
-and any other unknown field. `stream` is accepted only as false.
+`output_format`, `output_compression`, `input_fidelity`, `safety_identifier`, `mask` (edits), and any other
+unknown field. `stream: true` (with `partial_images` 0-3 and this server's `stream_progress`) answers with
+server-sent events instead of JSON (api/streaming.py).
 """
 
 from __future__ import annotations
@@ -52,7 +53,13 @@ class EditParams(BaseModel):
     size: str | None = Field(None, max_length=64,
                              description="`512x512`, `768x768` or `1024x1024` picks the working area; "
                                          "other values (e.g. `auto`) are ignored")
-    stream: Literal[False] | None = Field(None, description="Streaming is not supported; only false is accepted")
+    stream: bool | None = Field(False, description="true: answer with server-sent events (`text/event-stream`): "
+                                "`partial_images` previews, then one `.completed` event per image (see the README)")
+    partial_images: int | None = Field(0, ge=0, le=3,
+                                       description="With stream=true: previews of the current prediction sent while "
+                                                   "denoising (0-3, evenly spaced steps; a short run may send fewer)")
+    stream_progress: bool | None = Field(False, description="With stream=true (this server's extension): also send "
+                                         "an `image_generation.progress` / `image_edit.progress` event per step")
 
     def size_level(self) -> int | None:
         return SIZE_LEVELS.get((self.size or "").strip().lower())
@@ -123,10 +130,12 @@ class ModelList(BaseModel):
 
 
 # --- multipart -----------------------------------------------------------------------------------------------------
-_INT = re.compile(r"^[+-]?\d{1,30}$")
-_INT_FIELDS = {"n", "seed", "steps"}
+# ASCII digits only: `int()` and `float()` also take other scripts' digits ("\u0662" is 2) and `1_000`.
+_INT = re.compile(r"^[+-]?[0-9]{1,30}$")
+_FLOAT = re.compile(r"^[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,4})?$")
+_INT_FIELDS = {"n", "seed", "steps", "partial_images"}
 _FLOAT_FIELDS = {"strength", "guidance_scale"}
-_BOOL_FIELDS = {"stream"}
+_BOOL_FIELDS = {"stream", "stream_progress"}
 _STR_FIELDS = {"prompt", "negative_prompt", "response_format", "size", "model"}
 
 
@@ -149,6 +158,8 @@ def form_to_fields(form: dict[str, str]) -> dict[str, Any]:
             out[name] = int(value)
         elif name in _FLOAT_FIELDS:
             try:
+                if not _FLOAT.match(value):
+                    raise ValueError(value)
                 number = float(value)
             except ValueError:
                 raise bad_request(f"Invalid value for '{name}': expected a number, got {raw[:40]!r}") from None

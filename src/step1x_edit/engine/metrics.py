@@ -25,7 +25,7 @@ class Metrics:
                                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.batch_requests = Histogram("step1x_batch_requests", "Requests per pipeline call",
                                         buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
-        self.jobs = Counter("step1x_jobs", "Jobs by outcome (done, failed, rejected_full, dropped_disconnect, "
+        self.jobs = Counter("step1x_jobs", "Jobs by outcome (done, failed, oom, rejected_full, dropped_disconnect, "
                                            "dropped_timeout, aborted)", ["outcome"], registry=r)
         self.queue_depth = Gauge("step1x_queue_depth", "Jobs waiting for the worker", registry=r)
         self.queue_images = Gauge("step1x_queue_images", "Images waiting for the worker", registry=r)

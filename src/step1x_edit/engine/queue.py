@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,10 @@ class Job:
     started_at: float | None = None
     cancelled: bool = False
     cancel_reason: str = ""
+    # Called on the worker thread with ("started",), ("progress", step, total) and ("preview", step, total,
+    # [PIL images]) while the job runs (streaming); it must be quick and thread-safe (api/streaming.py hands the
+    # events to the event loop). Errors it raises are logged and ignored.
+    listener: Callable[[tuple], None] | None = None
 
     def cancel(self, reason: str = "cancelled") -> bool:
         """Drop the job. True if it never reached the pipeline; a running job only stops if its whole batch is

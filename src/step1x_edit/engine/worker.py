@@ -18,11 +18,12 @@ from .queue import EngineClosed, Job, JobQueue, QueueFull
 
 log = logging.getLogger("step1x_edit.engine")
 
-__all__ = ["Engine", "EngineClosed", "NotReady", "PipelineLike", "QueueFull", "Aborted"]
+__all__ = ["Engine", "EngineClosed", "NotReady", "PipelineLike", "QueueFull", "Aborted", "OutOfMemory"]
 
 
 class PipelineLike(Protocol):
-    """What the engine needs from `pipeline.edit.EditPipeline`."""
+    """What the engine needs from `pipeline.edit.EditPipeline` (`run` also gets `on_preview=` when a job in the
+    batch streams previews; pipelines without previews are never given it)."""
 
     def run(self, requests: list[Any], on_step: Callable[[int, int], None] | None = None) -> list[Any]: ...
     def batch_key(self, req: Any) -> Hashable: ...
@@ -35,6 +36,21 @@ class NotReady(Exception):
 
 class Aborted(Exception):
     """A pipeline call stopped between steps because every job in it was cancelled."""
+
+
+class OutOfMemory(Exception):
+    """The pipeline ran out of device (or host) memory on this job (HTTP 503); the worker freed its caches and
+    goes on with the next job."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError), other backends' "out of memory" RuntimeErrors, the
+    CPU allocator's "can't allocate memory", and Python's MemoryError. Judged by name and message so the engine
+    never has to import torch."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 class Engine:
@@ -89,14 +105,16 @@ class Engine:
         return not self._thread.is_alive() and not leftovers
 
     # --- admission -----------------------------------------------------------------------------------------
-    def submit(self, request: Any) -> Job:
-        """Queue one request. Raises NotReady, EngineClosed, QueueFull, or ValueError (bad input, from batch_key)."""
+    def submit(self, request: Any, listener: Callable[[tuple], None] | None = None) -> Job:
+        """Queue one request. Raises NotReady, EngineClosed, QueueFull, or ValueError (bad input, from batch_key).
+        `listener` gets the job's progress events on the worker thread (see `Job.listener`)."""
         if self.queue.closed:
             raise EngineClosed("the server is shutting down")
         if not self.ready:
             raise NotReady(self.not_ready_reason())
         assert self.pipeline is not None
-        job = Job(request=request, key=self.pipeline.batch_key(request), images=max(1, int(request.n)))
+        job = Job(request=request, key=self.pipeline.batch_key(request), images=max(1, int(request.n)),
+                  listener=listener)
         try:
             self.queue.put(job)
         except QueueFull:
@@ -154,6 +172,8 @@ class Engine:
                 self.metrics.jobs.labels("aborted").inc(len(batch))
             return
         except Exception as exc:  # noqa: BLE001
+            if is_out_of_memory(exc):
+                exc = self._recover_from_oom(exc, batch)
             if len(batch) > 1:
                 # One bad request (or an out-of-memory batch) must not fail its companions: retry them alone.
                 log.warning("batch of %d failed (%s); retrying its jobs one by one", len(batch), exc)
@@ -164,11 +184,14 @@ class Engine:
                     else:
                         self._run_batch([job])
                 return
-            log.log(logging.INFO if isinstance(exc, ValueError) else logging.ERROR,
-                    "pipeline call failed: %r", exc, exc_info=not isinstance(exc, ValueError))
+            if isinstance(exc, OutOfMemory):
+                log.warning("%s", exc)
+            else:
+                log.log(logging.INFO if isinstance(exc, ValueError) else logging.ERROR,
+                        "pipeline call failed: %r", exc, exc_info=not isinstance(exc, ValueError))
             _settle(batch[0], exc=exc)
             if self.metrics:
-                self.metrics.jobs.labels("failed").inc()
+                self.metrics.jobs.labels("oom" if isinstance(exc, OutOfMemory) else "failed").inc()
             return
         finally:
             self._running = []
@@ -176,6 +199,30 @@ class Engine:
             _settle(job, result=result)
         if self.metrics:
             self.metrics.jobs.labels("done").inc(len(batch))
+
+    def _recover_from_oom(self, exc: BaseException, batch: list[Job]) -> OutOfMemory:
+        """Drop every reference to the failed call's tensors (they live on in the traceback's frames), then let
+        the pipeline free its caches (`release_memory`: gc, and the CUDA caching allocator's blocks)."""
+        images = sum(j.images for j in batch)
+        message = (f"out of memory running {len(batch)} request(s), {images} image(s): "
+                   f"{type(exc).__name__}: {str(exc)[:200]}")
+        chained: BaseException | None = exc
+        for _ in range(16):  # the exception and what it chains to (bounded: chains may, rarely, loop)
+            if chained is None:
+                break
+            chained.__traceback__ = None
+            chained = chained.__cause__ or chained.__context__
+        release = getattr(self.pipeline, "release_memory", None)
+        try:
+            if callable(release):
+                release()
+            else:
+                import gc
+
+                gc.collect()
+        except Exception:  # noqa: BLE001 - recovery is best effort; the next job will tell
+            log.exception("releasing memory after an out-of-memory error failed")
+        return OutOfMemory(message)
 
     def _call(self, batch: list[Job]) -> list[Any]:
         assert self.pipeline is not None
@@ -186,9 +233,21 @@ class Engine:
         def on_step(step: int, total: int) -> None:
             if all(j.cancelled for j in batch):
                 raise Aborted()
+            for job in batch:
+                _notify(job, ("progress", step, total))
 
+        extra: dict[str, Any] = {}
+        if any(j.listener is not None and getattr(j.request, "partial_images", 0) > 0 for j in batch):
+            def on_preview(step: int, total: int, previews: list[Any]) -> None:
+                for job, images in zip(batch, previews):
+                    if images:
+                        _notify(job, ("preview", step, total, images))
+
+            extra["on_preview"] = on_preview  # only then: pipelines without previews need not accept it
+        for job in batch:
+            _notify(job, ("started",))
         t0 = time.monotonic()
-        results = self.pipeline.run([j.request for j in batch], on_step=on_step)
+        results = self.pipeline.run([j.request for j in batch], on_step=on_step, **extra)
         if len(results) != len(batch):
             raise RuntimeError(f"pipeline returned {len(results)} results for {len(batch)} requests")
         if self.metrics:
@@ -196,6 +255,16 @@ class Engine:
             for name, seconds in (getattr(results[0], "timings", None) or {}).items():
                 self.metrics.observe_stage(f"pipeline_{name}", seconds)
         return results
+
+
+def _notify(job: Job, event: tuple) -> None:
+    """Hand a progress event to the job's listener; a failing listener (its client gone) never fails the batch."""
+    if job.listener is None or job.cancelled:
+        return
+    try:
+        job.listener(event)
+    except Exception:  # noqa: BLE001
+        log.debug("progress listener failed", exc_info=True)
 
 
 def _settle(job: Job, *, result: Any = None, exc: BaseException | None = None) -> None:

@@ -78,6 +78,15 @@ class EditPipeline:
             "size_level": self.size_level,
         }
 
+    def release_memory(self) -> None:
+        """After an out-of-memory error (the engine calls this once the failed call's tensors are unreferenced):
+        collect garbage and hand the CUDA caching allocator's free blocks back, so the next batch starts clean."""
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     # --- validation and batching ---------------------------------------------------------------------------
     def _size_level(self, req: EditRequest) -> int:
         return req.size_level or self.size_level
@@ -92,6 +101,8 @@ class EditPipeline:
             raise ValueError("n: must be at least 1")
         if req.steps < 1:
             raise ValueError("steps: must be at least 1")
+        if not 0 <= req.partial_images <= 10:
+            raise ValueError("partial_images: must be between 0 and 10")
         if not 0.0 <= req.strength <= 1.0:
             raise ValueError("strength: must be between 0 and 1")
         if not req.guidance_scale >= 1.0 or req.guidance_scale != req.guidance_scale:
@@ -131,7 +142,12 @@ class EditPipeline:
         requests: list[EditRequest],
         on_step: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        on_preview: Callable[[int, int, list[list[Image.Image] | None]], None] | None = None,
     ) -> list[EditResult]:
+        """Edit a batch. `on_step(step, total)` after each denoising step. `on_preview(step, total, previews)`
+        (only when given, and only for requests with `partial_images` > 0) after the evenly spaced steps of
+        `sampling.preview_steps`: `previews[j]` is request j's images at that step (the predicted clean latent,
+        VAE-decoded, at the input's size) or None when request j wants none then. Without it nothing is decoded."""
         if not requests:
             return []
         keys = {self.batch_key(r) for r in requests}
@@ -174,10 +190,13 @@ class EditPipeline:
         guidance = torch.tensor([prepared[j].request.guidance_scale for j, _ in per_image])
         lap("prepare_latents")
 
+        on_x0 = x0_at = None
+        if on_preview is not None and any(r.partial_images > 0 for r in requests):
+            on_x0, x0_at = self._previewer(prepared, on_preview)
         result = sampling.sample(
             self.dit, noise, ref_latent, cond, first.steps, guidance, self.version,
             strength=first.strength, init_latent=init_latent, truncate=self.truncate,
-            on_step=on_step, cancelled=cancelled,
+            on_step=on_step, cancelled=cancelled, on_x0=on_x0, x0_at=x0_at,
         )
         lap("denoise")
 
@@ -196,6 +215,32 @@ class EditPipeline:
         for res in results:
             res.timings = dict(timings)
         return results
+
+    def _previewer(self, prepared: list[_Prepared], on_preview: Callable):
+        """`on_x0` / `x0_at` for `sampling.sample`: decode only the rows of the requests that want a preview at
+        this step (one VAE decode of those rows), resize to each input's size, hand them to `on_preview`."""
+
+        def wanted(step: int, total: int) -> list[bool]:
+            return [step in sampling.preview_steps(total, p.request.partial_images) for p in prepared]
+
+        def x0_at(step: int, total: int) -> bool:
+            return any(wanted(step, total))
+
+        def on_x0(step: int, total: int, x0: torch.Tensor) -> None:
+            want = wanted(step, total)
+            rows, k = [], 0
+            for p, w in zip(prepared, want):
+                if w:
+                    rows.extend(range(k, k + len(p.seeds)))
+                k += len(p.seeds)
+            decoded = vae_ops.decode(self.vae, x0[torch.tensor(rows, device=x0.device)].to(self.vae_dtype))
+            pictures = iter([imaging.tensor_to_pil(img) for img in decoded])
+            previews: list[list[Image.Image] | None] = []
+            for p, w in zip(prepared, want):
+                previews.append([imaging.restore_size(next(pictures), p.original_size) for _ in p.seeds] if w else None)
+            on_preview(step, total, previews)
+
+        return on_x0, x0_at
 
     def _latents(self, moments: torch.Tensor, per_image: list[tuple[int, int]], use_init: bool):
         """Per output image, from its own CPU generator: initial noise, the reference posterior sample and (for

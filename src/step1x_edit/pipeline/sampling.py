@@ -33,6 +33,17 @@ def start_index(num_steps: int, strength: float) -> int:
     return int((1 - strength) * num_steps)
 
 
+def preview_steps(total: int, count: int) -> list[int]:
+    """Evenly spaced steps (1-based, after which a preview is taken) for `count` previews of a `total`-step run.
+
+    The last step is never one of them (its preview would be the result itself), so a short run gives fewer
+    previews than asked for: 4 steps and 3 previews -> [1, 2, 3]; 20 and 3 -> [5, 10, 15]; 1 step -> [].
+    """
+    if count <= 0 or total <= 1:
+        return []
+    return sorted({min(total - 1, max(1, round((j + 1) * total / (count + 1)))) for j in range(count)})
+
+
 def pack(latent: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/2)(W/2), C*4] (`b c (h 2) (w 2) -> b (h w) (c 2 2)`)."""
     b, c, h, w = latent.shape
@@ -109,11 +120,17 @@ def denoise(
     on_step: Callable[[int, int], None] | None = None,
     trace: list[StepTrace] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    on_x0: Callable[[int, int, torch.Tensor], None] | None = None,
+    x0_at: Callable[[int, int], bool] | None = None,
 ) -> torch.Tensor:
     """Euler steps on the packed target tokens `x` [B, N, 64] next to the fixed reference tokens `ref` [B, N, 64].
 
     With negative conditioning the DiT runs on [prompt rows; negative rows] and `guidance` (a float or a [B]
     tensor, one scale per row) combines them. x is kept in float32 whatever the model's dtype.
+
+    `on_x0(step, total, x0)` (previews) is called after `on_step` for the steps where `x0_at(step, total)` is true,
+    with the flow-matching prediction of the clean tokens: x_t = t*noise + (1-t)*x0 and v = noise - x0 give
+    x0 = x_t - t*v, here taken after the step as x_next - t_next*v (the same value). Nothing extra runs otherwise.
     """
     dtype = next(model.parameters()).dtype
     n_tok = x.shape[1]
@@ -146,6 +163,8 @@ def denoise(
             trace.append(StepTrace(raw_pred=raw.float(), x=x.clone(), rescale_norm=norm, rescale_divisor=divisor))
         if on_step is not None:
             on_step(i + 1, total)
+        if on_x0 is not None and (x0_at is None or x0_at(i + 1, total)):
+            on_x0(i + 1, total, x - t_prev * pred)
     return x
 
 
@@ -170,9 +189,12 @@ def sample(
     on_step: Callable[[int, int], None] | None = None,
     trace: list[StepTrace] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    on_x0: Callable[[int, int, torch.Tensor], None] | None = None,
+    x0_at: Callable[[int, int], bool] | None = None,
 ) -> SampleResult:
     """The official generate_image after conditioning: schedule for this latent size, optional img2img start
-    at index int((1 - strength) * steps) from t*noise + (1-t)*init, denoise, unpack. Latents [B, 16, H, W]."""
+    at index int((1 - strength) * steps) from t*noise + (1-t)*init, denoise, unpack. Latents [B, 16, H, W].
+    `on_x0` gets the predicted clean latent [B, 16, H, W] (see `denoise`)."""
     _, _, h, w = noise.shape
     timesteps = get_schedule(steps, (h // 2) * (w // 2))
     x = noise.float()
@@ -196,5 +218,7 @@ def sample(
         on_step=on_step,
         trace=trace,
         cancelled=cancelled,
+        on_x0=None if on_x0 is None else (lambda step, total, x0: on_x0(step, total, unpack(x0, h, w))),
+        x0_at=x0_at,
     )
     return SampleResult(latent=unpack(out, h, w), start_x=x, timesteps=timesteps)

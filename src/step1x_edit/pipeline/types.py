@@ -25,6 +25,7 @@ class EditRequest:
     strength: float = DEFAULT_STRENGTH  # 1.0 = start from pure noise; <1 starts from the noised input latent
     seed: int = -1  # -1 = random; image i uses seed + i
     size_level: int | None = None  # working area ~ size_level^2; None = the pipeline's default
+    partial_images: int = 0  # previews wanted (evenly spaced steps) when `run` is given `on_preview`; 0 = none
 
 
 @dataclass

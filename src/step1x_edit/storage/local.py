@@ -67,6 +67,11 @@ class LocalImageStore:
             raise
         return image_id
 
+    def delete(self, image_id: str) -> None:
+        """Remove a stored image (a request that failed after storing part of its outputs); unknown ids are ignored."""
+        if _ID.match(image_id or ""):
+            self._path(image_id).unlink(missing_ok=True)
+
     # --- links ---------------------------------------------------------------------------------------------
     def _sign(self, image_id: str, expires: int) -> str:
         msg = f"{image_id}.png:{expires}".encode("ascii")
