@@ -65,7 +65,7 @@ def test_attention_backend_same_function(plain_out, backend):
         fastpath.set_attention_backend_(dit, backend)
         out = _forward(dit, _inputs())
     except RuntimeError as e:  # e.g. a CUDA-only kernel on the CPU
-        pytest.skip(f"{backend} not usable on this machine: {e}")
+        pytest.skip(reason=f"{backend} not usable on this machine: {e}")
     err = _err(out, plain_out)
     print(f"attention {backend}: max abs err {err:.2e}")
     assert err <= TOL

@@ -58,7 +58,7 @@ def test_page_and_files_are_served_without_a_key_and_load_nothing_from_outside(s
 # --- in Chromium -------------------------------------------------------------------------------------------------
 def _playwright():
     if os.environ.get("STEP1X_SKIP_BROWSER") == "1":
-        pytest.skip("STEP1X_SKIP_BROWSER=1: the browser test is skipped on purpose")
+        pytest.skip(reason="STEP1X_SKIP_BROWSER=1: the browser test is skipped on purpose")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
