@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned, so pip takes the local CPU build and never resolves gigabytes of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve test test-all venv venv-test check-reference clean
+.PHONY: serve test test-all venv venv-test browser check-reference clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,14 +23,18 @@ $(VENV)/.installed-test: $(VENV)/.installed
 venv: $(VENV)/.installed
 venv-test: $(VENV)/.installed-test
 
+# Debian's Chromium for the playground's browser test (scripts/install-browser.sh; STEP1X_SKIP_BROWSER=1 skips)
+browser:
+	bash scripts/install-browser.sh
+
 serve: venv
 	$(BIN)/step1x-edit serve $(ARGS)
 
-test: venv-test
+test: venv-test browser
 	$(BIN)/python -m pytest $(ARGS)
 
 # the default suite plus the checks marked slow
-test-all: venv-test
+test-all: venv-test browser
 	$(BIN)/python -m pytest -m "" $(ARGS)
 
 check-reference: venv
