@@ -339,13 +339,7 @@ def inspect_dit(path: str | Path) -> Source:
             return found.dit
         path = weights
     infos, files = header_keys(path)
-    if "img_in.weight" in infos:
-        layout = "official"
-    elif "x_embedder.weight" in infos:
-        layout = "diffusers"
-    else:
-        raise WeightsError(f"{path}: not a Step1X-Edit DiT checkpoint (neither img_in.weight nor x_embedder.weight; "
-                           f"keys include {sorted(infos)[:4]})")
+    layout = _layout_of(path, infos, "img_in.weight", "x_embedder.weight", "a Step1X-Edit DiT checkpoint")
     version = dit_version(infos)
     if root is None and path.parent.name == "transformer" and (path.parent.parent / "model_index.json").is_file():
         root = path.parent.parent
@@ -357,6 +351,16 @@ def inspect_dit(path: str | Path) -> Source:
         cfg = cand if cand.is_file() else None
     return Source(path, layout, sharded=path.name.endswith(".json"), config=cfg, version=version,
                   dtypes=_dtype_summary(infos), nbytes=sum(f.stat().st_size for f in files), root=root)
+
+
+def _layout_of(path: Path, infos: dict, official_key: str, diffusers_key: str, what: str) -> str:
+    """`official` or `diffusers`, told apart by one key each layout always has."""
+    if official_key in infos:
+        return "official"
+    if diffusers_key in infos:
+        return "diffusers"
+    raise WeightsError(f"{path}: not {what} (neither {official_key} nor {diffusers_key}; "
+                       f"keys include {sorted(infos)[:4]})")
 
 
 def inspect_vae(path: str | Path) -> Source:
@@ -373,13 +377,8 @@ def inspect_vae(path: str | Path) -> Source:
                 raise WeightsError(f"{path}: no VAE weights found (expected vae.safetensors or a diffusers vae/ folder)")
         path = weights
     infos, files = header_keys(path)
-    if "encoder.norm_out.weight" in infos:
-        layout = "official"
-    elif "encoder.conv_norm_out.weight" in infos:
-        layout = "diffusers"
-    else:
-        raise WeightsError(f"{path}: not a FLUX-style autoencoder checkpoint (no encoder.norm_out.weight or "
-                           "encoder.conv_norm_out.weight)")
+    layout = _layout_of(path, infos, "encoder.norm_out.weight", "encoder.conv_norm_out.weight",
+                        "a FLUX-style autoencoder checkpoint")
     cfg = path.parent / "config.json" if layout == "diffusers" and (path.parent / "config.json").is_file() else None
     return Source(path, layout, sharded=path.name.endswith(".json"), config=cfg, dtypes=_dtype_summary(infos),
                   nbytes=sum(f.stat().st_size for f in files), root=root)
