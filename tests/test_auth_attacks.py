@@ -189,6 +189,27 @@ def test_signed_links_cannot_be_forged_or_extended(server):
     assert _get(server, a_id, a_exp, a_sig.upper()).status_code == 200
 
 
+def test_link_fields_in_other_scripts_are_404_not_500(server):
+    """Any field parsed from the URL is ASCII: superscript / circled / full-width / Arabic-Indic digits in `expires`
+    (was: 500, `int("²")` after `"²".isdigit()`; full-width digits were the same link spelled differently) and a
+    non-ASCII `sig` (was: 500, TypeError in hmac.compare_digest). No key is needed for file links, so these were
+    500s anyone could provoke."""
+    a_id, a_exp, a_sig = _parts(_make_link(server))
+    full_width = str.maketrans("0123456789abcdef", "０１２３４５６７８９ａｂｃｄｅｆ")
+    cases = [(str(a_exp)[:-1] + "²", a_sig), ("①", a_sig), ("²", a_sig), (str(a_exp).translate(full_width), a_sig),
+             ("\u0661" * 10, a_sig), (a_exp, "é" * 64), (a_exp, a_sig[:-1] + "é"), (a_exp, a_sig.translate(full_width))]
+    for expires, sig in cases:
+        r = _get(server, a_id, expires, sig)
+        assert r.status_code == 404, (expires, sig, r.text)
+        assert r.json()["error"]["code"] == "not_found"
+    # the same through raw %-escapes (UTF-8, as a browser sends them)
+    for query in (b"expires=%C2%B2&sig=" + a_sig.encode(), f"expires={a_exp}&sig=%C3%A9".encode()):
+        status, _, body = raw_request(server, b"GET /v1/files/images/" + a_id.encode() + b".png?" + query +
+                                      b" HTTP/1.1")
+        assert status == 404, body
+    assert _get(server, a_id, a_exp, a_sig).status_code == 200
+
+
 @pytest.mark.parametrize("path", [
     "/v1/files/images/..%2F.signing-key.png", "/v1/files/images/%2E%2E/%2E%2E/etc/passwd.png",
     "/v1/files/images/.signing-key.png", "/v1/files/images/.tmp-x.png", "/v1/files/images/" + "a" * 31 + "G.png",

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from step1x_edit.storage.local import LocalImageStore
+from step1x_edit.storage.local import LocalImageStore, ascii_decimal
 
 
 class Clock:
@@ -52,6 +52,31 @@ def test_tampered_links_do_not_resolve(store):
                  (iid, expires, None), (iid, None, sig), (iid, "-5", sig), (iid, expires, ""),
                  ("../../etc/passwd", expires, sig), (iid.upper(), expires, sig), (iid, expires + "0", sig)]:
         assert store.resolve(*args) is None, args
+
+
+_FULL_WIDTH = str.maketrans("0123456789abcdef", "０１２３４５６７８９ａｂｃｄｅｆ")
+
+
+def test_link_fields_must_be_ascii(store):
+    """`²` and `①` pass str.isdigit() but not int() (was: ValueError, a 500 through the file route); a non-ASCII
+    signature made hmac.compare_digest raise TypeError (another 500); full-width digits were read by int() as the
+    same expiry, so one link had several spellings. All are simply links that do not resolve now."""
+    iid, expires, sig = _parts(store.signed_path(store.save_png(b"x")))
+    assert store.resolve(iid, expires, sig) is not None
+    for bad_expires in ("²", "①", "1²", expires[:-1] + "²", expires[:-1] + "①", expires.translate(_FULL_WIDTH),
+                        "\u0661\u0662", expires + "\n", " " + expires, "+" + expires, "1_0", "٣" * 10):
+        assert store.resolve(iid, bad_expires, sig) is None, bad_expires
+    for bad_sig in ("é" * 64, sig[:-1] + "é", sig.translate(_FULL_WIDTH), "\udcff" * 64, sig + "\n"):
+        assert store.resolve(iid, expires, bad_sig) is None, bad_sig
+    assert store.resolve(iid + "\n", expires, sig) is None  # an id is exactly 32 hex digits, no trailing newline
+
+
+@pytest.mark.parametrize("text,value", [("0", 0), ("0042", 42), ("999999999999", 999999999999),
+                                        ("9999999999999", None), ("", None), (None, None), ("²", None),
+                                        ("①", None), ("１", None), ("١", None), ("-1", None), ("1e3", None),
+                                        (" 1", None), ("1 ", None), ("1_0", None)])
+def test_ascii_decimal(text, value):
+    assert ascii_decimal(text, max_digits=12) == value
 
 
 def test_expired_link_does_not_resolve(store, clock):

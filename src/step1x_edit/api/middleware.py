@@ -82,7 +82,7 @@ class RequestContextMiddleware:
             if reason is not None:
                 return error_response(401, reason, request_id, headers={"WWW-Authenticate": "Bearer"})
         declared = headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared and declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
             return error_response(413, f"Request body is too large: at most {self.max_body_bytes} bytes",
                                   request_id, code="payload_too_large")
         return None

@@ -22,8 +22,19 @@ from pathlib import Path
 
 log = logging.getLogger("step1x_edit.storage")
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(r"\A[0-9a-f]{32}\Z")  # \Z, not $: "$" would also match before a trailing newline
 _KEY_FILE = ".signing-key"
+
+
+def ascii_decimal(text: str | None, *, max_digits: int) -> int | None:
+    """`text` as a non-negative integer when it is 1 to `max_digits` ASCII digits, else None.
+
+    For fields taken from URLs and headers: `str.isdigit()` is also true for superscripts and circled digits
+    (`²`, `①`), on which `int()` then fails, and `int()` itself reads other scripts' and full-width digits (`١`, `１`),
+    so a field checked with those two could crash a request or give one value several spellings."""
+    if not text or len(text) > max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
 
 
 def _load_or_create_key(directory: Path) -> bytes:
@@ -84,11 +95,12 @@ class LocalImageStore:
 
     def resolve(self, image_id: str, expires: str | None, sig: str | None) -> Path | None:
         """The file behind a link, or None when the link is malformed, tampered, expired or the file is gone."""
-        if not _ID.match(image_id or "") or not expires or not sig or not expires.isdigit() or len(expires) > 12:
+        when = ascii_decimal(expires, max_digits=12)
+        if not _ID.match(image_id or "") or when is None or not sig or not sig.isascii():
+            return None  # (compare_digest refuses non-ASCII text with a TypeError)
+        if not hmac.compare_digest(self._sign(image_id, when), sig.lower()):
             return None
-        if not hmac.compare_digest(self._sign(image_id, int(expires)), sig.lower()):
-            return None
-        if int(expires) < self._clock():
+        if when < self._clock():
             return None
         path = self._path(image_id)
         return path if path.is_file() else None
