@@ -233,6 +233,47 @@ def test_invalid_utf8_in_forms_is_400(server):
                       timeout=60).status_code == 200
 
 
+def _multipart(parts: list[tuple[bytes, bytes]], charset: str | None) -> tuple[bytes, str]:
+    """A multipart body built by hand: (Content-Disposition parameters, value) per part."""
+    boundary = b"b0undary7x"
+    body = b""
+    for disposition, value in parts:
+        body += b"--" + boundary + b"\r\nContent-Disposition: form-data; " + disposition + b"\r\n\r\n" + value + b"\r\n"
+    body += b"--" + boundary + b"--\r\n"
+    ctype = "multipart/form-data; boundary=" + boundary.decode() + (f"; charset={charset}" if charset else "")
+    return body, ctype
+
+
+@pytest.mark.parametrize("charset,name,value", [
+    # codecs whose decoding fails with UnicodeError (not UnicodeDecodeError): was a 500
+    ("punycode", b"prompt", b"make it snowy!"), ("idna", b"prompt", b"xn--a"), ("undefined", b"prompt", b"p"),
+    # the same codecs on the part's name (Starlette decodes it with the declared charset too): was a 500
+    ("punycode", b"x y!", b"p"), ("idna", b"xn--zz-", b"p"),
+    # not a text encoding, or no encoding at all: was read as latin-1 (mojibake) or a 500
+    ("base64", b"prompt", b"cA=="), ("rot13", b"prompt", b"p"), ("no-such-charset", b"prompt", b"caf\xc3\xa9"),
+    # a name in bytes that are not UTF-8: was silently read as latin-1
+    (None, b"pr\xf6mpt", b"p"),
+])
+def test_form_charsets_that_cannot_decode_are_400(server, charset, name, value):
+    """Every place the form's declared charset is used (charset lookup, part names, text values) answers a 400
+    `invalid_form` when it does not decode, whatever the codec raises."""
+    body, ctype = _multipart([(b'name="image"; filename="in.png"', png_bytes()),
+                              (b'name="' + name + b'"', value), (b'name="steps"', b"1")], charset)
+    err = error_of(post_raw(server, body, ctype, "/images/edits"), 400)
+    assert err["code"] == "invalid_form", err
+
+
+def test_form_charsets_that_decode_are_used(server):
+    for charset in ("utf-8", "UTF8", "latin-1", "iso-8859-1"):
+        body, ctype = _multipart([(b'name="image"; filename="in.png"', png_bytes()),
+                                  (b'name="prompt"', "café".encode(charset)), (b'name="steps"', b"1")], charset)
+        assert post_raw(server, body, ctype, "/images/edits").status_code == 200, charset
+    # a file name that is not valid UTF-8 is still read as Starlette reads it (latin-1): the name is not used
+    body, ctype = _multipart([(b'name="image"; filename="caf\xe9.png"', png_bytes()),
+                              (b'name="prompt"', b"p"), (b'name="steps"', b"1")], None)
+    assert post_raw(server, body, ctype, "/images/edits").status_code == 200
+
+
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
 def test_one_megabyte_prompts_are_400(server, field):
     err = error_of(post_raw(server, _json(**{field: "a" * 1_000_000})), 400)

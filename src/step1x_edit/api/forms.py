@@ -2,12 +2,16 @@
 
 Starlette's form parser decodes a text part that is not valid in its charset as latin-1, and a urlencoded value
 with bad percent-escapes with U+FFFD, so a prompt in broken UTF-8 would be edited as mojibake; JSON bodies in bad
-UTF-8 are a 400 (errors.py). Here both kinds of form refuse it with a 400 too. A field given twice (JSON keys,
-form fields) is ambiguous — proxies and this server might each pick a different copy — so it is a 400 as well.
+UTF-8 are a 400 (errors.py). Here both kinds of form refuse it with a 400 too. A multipart form may declare another
+charset; one that is unknown or not a text encoding is a 400, and so is a part name or text that does not decode in
+it — whatever the codec raises (`punycode`, `idna`, `undefined` raise UnicodeError, not UnicodeDecodeError). A field
+given twice (JSON keys, form fields) is ambiguous — proxies and this server might each pick a different copy — so it
+is a 400 as well.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -15,23 +19,52 @@ from urllib.parse import parse_qsl
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from .errors import bad_request
 
 IMAGE_FIELDS = ("image", "image[]")
 
 
+_DECODE_ERRORS = (UnicodeError, LookupError)  # UnicodeError: also codecs that fail without UnicodeDecodeError
+
+
 class _StrictMultiPartParser(MultiPartParser):
-    """Starlette's parser, except that a text part must decode in the form's charset (UTF-8 unless declared)."""
+    """Starlette's parser, except that the declared charset must be a known text encoding, and that part names and
+    text parts must decode in it (UTF-8 unless declared). Starlette would fall back to latin-1 (and let a
+    UnicodeError that is not a UnicodeDecodeError escape as a 500)."""
+
+    async def parse(self) -> FormData:
+        _, params = parse_options_header(self.headers.get("content-type", ""))
+        declared = params.get(b"charset")
+        if declared is not None:
+            name = declared.decode("latin-1")
+            try:  # (not b"": decoding nothing skips the codec lookup)
+                b"-".decode(name)  # LookupError: unknown, or not a text encoding (base64, rot13, ...)
+            except (LookupError, ValueError):  # ValueError: a NUL in the name; UnicodeError: the `undefined` codec
+                raise MultiPartException(f"charset {name[:40]!r} cannot be used: send UTF-8") from None
+        return await super().parse()
+
+    def _charset_name(self) -> str:
+        return getattr(self, "_charset", "") or "utf-8"
+
+    def on_headers_finished(self) -> None:
+        charset = self._charset_name()
+        _, options = parse_options_header(self._current_part.content_disposition)
+        try:
+            options.get(b"name", b"").decode(charset)
+            # the file name (unused) keeps Starlette's latin-1 fallback; only errors that escape it end up here
+            super().on_headers_finished()
+        except _DECODE_ERRORS:
+            raise MultiPartException(f"a part's name or file name is not valid {charset} text") from None
 
     def on_part_end(self) -> None:
         part = getattr(self, "_current_part", None)
         if part is not None and part.file is None:
-            charset = getattr(self, "_charset", "") or "utf-8"
+            charset = self._charset_name()
             try:
                 bytes(part.data).decode(charset)
-            except (UnicodeDecodeError, LookupError):
+            except _DECODE_ERRORS:
                 name = str(part.field_name)[:64]
                 raise MultiPartException(f"Field '{name}' is not valid {charset} text") from None
         super().on_part_end()
