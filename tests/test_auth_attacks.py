@@ -27,11 +27,13 @@ pytestmark = pytest.mark.timeout(300)
 
 MODEL = "stepfun-ai/step1x-edit"
 KEY_A, KEY_UTF8 = "sk-attack-test-a", "sk-ключ-🔑"
+# UTF-8 keys whose last byte is 0x85 or 0xA0, which str.strip() removes from a latin-1-decoded header (NEL, NBSP)
+KEYS_ENDING_85_A0 = ["sk-voilà", "sk-ключ-х", "sk-Š"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = start_server(dev_settings(tmp_path_factory.mktemp("auth"), api_keys=f"{KEY_A},{KEY_UTF8}"))
+    running = start_server(dev_settings(tmp_path_factory.mktemp("auth"), api_keys=",".join([KEY_A, KEY_UTF8, *KEYS_ENDING_85_A0])))
     yield running
     running.stop()
 
@@ -68,6 +70,13 @@ def models_with(server, authorization: bytes | None) -> tuple[int, dict[str, str
     (b"Bearer " + b"A" * 8000, "Incorrect"), (b"Bearer  sk-attack-test-a", None), (b"bearer sk-attack-test-a", None),
     (b"BEARER sk-attack-test-a", None), (b"Bearer " + KEY_UTF8.encode("utf-8"), None),
     (b"Bearer " + KEY_UTF8.encode("utf-8")[:-1], "Incorrect"),
+    # only SP / HTAB are whitespace around the key (RFC 9110 OWS); 0x85 and 0xA0 are bytes of the key
+    *[(b"Bearer " + key.encode("utf-8"), None) for key in KEYS_ENDING_85_A0],
+    *[(b"Bearer " + key.encode("utf-8") + b" \t", None) for key in KEYS_ENDING_85_A0],
+    *[(b"Bearer " + key.encode("utf-8")[:-1], "Incorrect") for key in KEYS_ENDING_85_A0],
+    (b"Bearer sk-attack-test-a\xa0", "Incorrect"), (b"Bearer sk-attack-test-a\x85", "Incorrect"),
+    (b"Bearer \xa0sk-attack-test-a", "Incorrect"), (b"Bearer\xa0sk-attack-test-a", "Malformed"),
+    (b"\xa0Bearer sk-attack-test-a", "Malformed"), (b"Bearer sk-attack-test-a\t", None),
 ])
 def test_authorization_headers(server, header, reason):
     status, headers, body = models_with(server, header)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ..settings import Settings
 
+_OWS = " \t"
+
 
 def load_keys(settings: Settings) -> list[str]:
     """Keys from `STEP1X_API_KEYS` (comma-separated) and `STEP1X_API_KEYS_FILE` (one a line, `#` comments)."""
@@ -41,8 +43,10 @@ class KeyChecker:
             return None
         if not authorization:
             return "Missing API key: send it as 'Authorization: Bearer <key>'"
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
+        # Only SP and HTAB are whitespace here (RFC 9110 OWS). str.strip() would also remove 0x85 and 0xA0 — bytes
+        # of a UTF-8 key ending in `х`, `à`, `Š` (the value arrives latin-1-decoded) — and so accept `sk-a\xa0`.
+        scheme, _, token = authorization.strip(_OWS).partition(" ")
+        token = token.strip(_OWS)
         if scheme.lower() != "bearer" or not token:
             return "Malformed Authorization header: expected 'Bearer <key>'"
         digest = hashlib.sha256(_raw_bytes(token)).digest()
