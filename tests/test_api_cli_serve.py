@@ -45,6 +45,20 @@ def test_invalid_flag_value_exits_2(tmp_path):
     assert done.returncode == 2 and "size_level" in done.stderr
 
 
+def test_queue_depth_zero_is_refused_at_start_up(tmp_path):
+    """STEP1X_QUEUE_DEPTH=0 used to be accepted and then answer every request with 429, even on an idle server."""
+    from pydantic import ValidationError
+
+    from step1x_edit.settings import Settings
+
+    with pytest.raises(ValidationError, match="queue_depth"):
+        Settings(queue_depth=0)
+    assert Settings(queue_depth=1).queue_depth == 1
+    env = {**os.environ, "STEP1X_QUEUE_DEPTH": "0", "STEP1X_STORAGE_DIR": str(tmp_path)}
+    done = subprocess.run(SERVE, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "queue_depth" in done.stderr and "greater than or equal to 1" in done.stderr
+
+
 @pytest.mark.timeout(300)
 def test_serve_answers_and_sigterm_drains_in_flight_work(tmp_path):
     port = free_port()

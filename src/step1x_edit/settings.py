@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     # Admission and batching: jobs waiting for the worker (429 beyond), images per pipeline call (`n` counts),
     # how long an idle worker waits for companions before starting a batch, and the per-request deadline (504).
-    queue_depth: int = Field(16, ge=0, le=10_000)
+    queue_depth: int = Field(16, ge=1, le=10_000)  # 0 would refuse every request (429), even on an idle server
     batch_max_images: int = Field(4, ge=1, le=64)
     batch_wait_ms: float = Field(10.0, ge=0, le=10_000)
     request_timeout_s: float = Field(600.0, gt=0)
