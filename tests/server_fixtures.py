@@ -60,14 +60,18 @@ class RunningServer:
     app: Any
     server: Any  # uvicorn.Server
     thread: threading.Thread
+    key: str | None = None  # one of the configured API keys (None: the server is open)
 
     @property
     def api(self) -> str:
         return self.base_url + "/v1"
 
     def metric(self, name: str, **labels: str) -> float:
-        """One sample of /metrics (0 when absent)."""
-        text = httpx.get(self.base_url + "/metrics", timeout=10).text
+        """One sample of /metrics (0 when absent); sends the API key (/metrics needs it when keys are set)."""
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        resp = httpx.get(self.base_url + "/metrics", headers=headers, timeout=10)
+        resp.raise_for_status()
+        text = resp.text
         want = ",".join(f'{k}="{v}"' for k, v in labels.items())
         for line in text.splitlines():
             if line.startswith("#"):
@@ -115,7 +119,10 @@ def start_server(settings: Any, *, pipeline_factory: Callable[[], Any] | None = 
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
-    running = RunningServer(f"http://127.0.0.1:{port}", app, server, thread)
+    from step1x_edit.api.auth import load_keys
+
+    keys = load_keys(settings)
+    running = RunningServer(f"http://127.0.0.1:{port}", app, server, thread, keys[0] if keys else None)
     if not wait_until(lambda: server.started, timeout):
         raise RuntimeError("the server did not start")
     if wait_ready:

@@ -83,7 +83,7 @@ def test_serve_answers_and_sigterm_drains_in_flight_work(tmp_path):
         worker = threading.Thread(target=lambda: results.append(client.images.generate(
             model=MODEL, prompt="p", response_format="b64_json", extra_body={"image": data_uri(), "steps": 8})))
         worker.start()
-        assert wait_until(lambda: "step1x_running_jobs 1.0" in httpx.get(base + "/metrics").text, 60)
+        assert wait_until(lambda: "step1x_running_jobs 1.0" in httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text, 60)
         proc.send_signal(signal.SIGTERM)
         worker.join(120)
         assert proc.wait(120) == 0

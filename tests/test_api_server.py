@@ -340,8 +340,10 @@ def test_auth(main):
         wrong.models.list()
     # auth comes before anything else: even a malformed body gets 401 without a key
     assert httpx.post(main.api + "/images/generations", content=b"{").status_code == 401
-    for open_path in ("/health", "/ready", "/metrics", "/openapi.json"):
+    for open_path in ("/health", "/ready", "/openapi.json"):
         assert httpx.get(main.base_url + open_path).status_code == 200, open_path
+    assert httpx.get(main.base_url + "/metrics").status_code == 401  # metrics need the key too (when keys are set)
+    assert httpx.get(main.base_url + "/metrics", headers=_auth()).status_code == 200
 
 
 def test_request_id_on_every_response(main):
@@ -411,7 +413,7 @@ def test_links_and_files_survive_a_restart(main):
 
 def test_metrics_report_requests_queue_batches_and_stages(main):
     client(main).images.generate(model=MODEL, prompt="p", extra_body={"image": data_uri(), "steps": 1})
-    text = httpx.get(main.base_url + "/metrics").text
+    text = httpx.get(main.base_url + "/metrics", headers=_auth()).text
     for needle in ('step1x_http_requests_total{method="POST",route="/v1/images/generations",status="200"}',
                    'step1x_http_requests_total{method="POST",route="/v1/images/generations",status="400"}',
                    "step1x_queue_depth 0.0", "step1x_batch_images_bucket", "step1x_batch_requests_count",

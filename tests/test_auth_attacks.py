@@ -105,8 +105,32 @@ def test_every_api_route_needs_the_key_before_reading_the_body(server):
     status, _, _ = raw_request(server, b"POST /v1/images/generations HTTP/1.1\r\nContent-Type: application/json"
                                        b"\r\nContent-Length: 30000000")
     assert status == 401 and time.monotonic() - t0 < 5
-    for path in ("/health", "/ready", "/metrics", "/openapi.json"):
+    for path in ("/health", "/ready", "/openapi.json"):
         assert httpx.get(server.base_url + path).status_code == 200
+
+
+def test_metrics_need_the_key_when_keys_are_set(server, tmp_path):
+    """/metrics shows queue depth and traffic by route: with keys configured it takes the same Bearer key as the
+    API (was: open to anyone); STEP1X_METRICS_OPEN=1 opens it again, and a server without keys stays open."""
+    for authorization in (None, b"Bearer wrong", b"Basic " + KEY_A.encode()):
+        status, headers, body = models_with(server, authorization)  # (the API, for comparison)
+        assert status == 401
+        head = b"GET /metrics HTTP/1.1" + (b"\r\nAuthorization: " + authorization if authorization else b"")
+        status, headers, body = raw_request(server, head)
+        assert status == 401 and headers["www-authenticate"] == "Bearer", body
+        assert b"step1x_" not in body and b'"error"' in body
+    r = httpx.get(server.base_url + "/metrics", headers={"Authorization": f"Bearer {KEY_A}"})
+    assert r.status_code == 200 and "step1x_queue_depth" in r.text and r.headers["content-type"].startswith("text/plain")
+    assert server.app.openapi()["paths"]["/metrics"]["get"]["security"] == [{"bearer": []}]
+    for name, extra in (("open", {"api_keys": KEY_A, "metrics_open": True}), ("no-keys", {})):
+        settings = dev_settings(tmp_path / name, **extra)
+        other = start_server(settings, wait_ready=False)
+        try:
+            r = httpx.get(other.base_url + "/metrics")
+            assert r.status_code == 200 and "step1x_queue_depth" in r.text, name
+            assert httpx.get(other.base_url + "/v1/models").status_code == (401 if settings.api_keys else 200)
+        finally:
+            other.stop()
 
 
 def test_key_comparison_is_constant_time(monkeypatch):

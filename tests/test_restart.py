@@ -45,7 +45,7 @@ def _start(port: int, storage: Path, log: list[str]) -> subprocess.Popen:
 
 
 def _metric(base: str, name: str) -> float:
-    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+    for line in httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0

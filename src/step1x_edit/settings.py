@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # Bearer keys: comma-separated (STEP1X_API_KEYS) and/or a file with one key a line (`#` comments). None = open.
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None
+    # /metrics needs one of those keys too (when any is set); 1 = open to anyone who can reach it, as before.
+    metrics_open: bool = False
     # Admission and batching: jobs waiting for the worker (429 beyond), images per pipeline call (`n` counts),
     # how long an idle worker waits for companions before starting a batch, and the per-request deadline (504).
     queue_depth: int = Field(16, ge=1, le=10_000)  # 0 would refuse every request (429), even on an idle server

@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None, *, pipeline_factory: Callable[[
     app.state.server = server
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes, metrics=metrics,
-                       body_timeout_s=settings.body_timeout_s)
+                       body_timeout_s=settings.body_timeout_s, metrics_open=settings.metrics_open)
     _add_routes(app, server)
     add_playground(app)
     _fix_openapi(app)
@@ -189,8 +189,10 @@ def _add_routes(app: FastAPI, server: Server) -> None:
                            headers={"Retry-After": "5"})
         return {"status": "ready", "model": MODEL_ID, **server.engine.info}
 
-    @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Metrics"}})
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics (the API key, when keys are set)",
+             openapi_extra=None if settings.metrics_open else {"security": [{"bearer": []}]},
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Metrics"},
+                        401: {**_ERR, "description": "Missing or invalid API key (STEP1X_METRICS_OPEN=1: none needed)"}})
     async def metrics() -> Response:
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

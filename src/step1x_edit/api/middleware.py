@@ -23,20 +23,25 @@ from .errors import APIError, error_response
 log = logging.getLogger("step1x_edit.api")
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# Paths that need a key: the API itself. Signed file links are capabilities of their own (like the hosted
-# service's links); health, readiness and metrics are for infrastructure.
+# Paths that need a key (when keys are configured): the API itself, and /metrics (queue depth, traffic by route:
+# not for everyone; Prometheus sends the same Bearer key, or STEP1X_METRICS_OPEN=1 leaves it open). Signed file
+# links are capabilities of their own (like the hosted service's links); health and readiness are for probes.
 _PROTECTED = ("/v1/",)
 _UNPROTECTED = ("/v1/files/",)
+METRICS_PATH = "/metrics"
 
 
-def needs_key(path: str) -> bool:
+def needs_key(path: str, *, metrics_open: bool = False) -> bool:
+    if path == METRICS_PATH:
+        return not metrics_open
     return path.startswith(_PROTECTED) and not path.startswith(_UNPROTECTED)
 
 
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, *, keys: KeyChecker, max_body_bytes: int, metrics: Metrics,
-                 body_timeout_s: float | None = None) -> None:
+                 body_timeout_s: float | None = None, metrics_open: bool = False) -> None:
         self.app = app
+        self.metrics_open = metrics_open
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -77,7 +82,7 @@ class RequestContextMiddleware:
             self.metrics.observe_stage("request", time.monotonic() - started)
 
     def _refuse(self, scope: Scope, headers: Headers, request_id: str):  # noqa: ANN202 - a Response or None
-        if needs_key(scope.get("path", "")):
+        if needs_key(scope.get("path", ""), metrics_open=self.metrics_open):
             reason = self.keys.check(headers.get("authorization"))
             if reason is not None:
                 return error_response(401, reason, request_id, headers={"WWW-Authenticate": "Bearer"})
