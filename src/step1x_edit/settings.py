@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # The whole request body must arrive within this many seconds (408 otherwise): a client trickling its upload
     # (slow loris) cannot hold a connection and a buffer for long.
     body_timeout_s: float = Field(60.0, gt=0)
+    # A request's line and headers: at most this many bytes (431) and seconds (408), whatever the HTTP parser
+    # (api/httpserver.py). Unbounded, one 64 MB header stalled every other request for seconds.
+    max_header_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
+    header_timeout_s: float = Field(10.0, gt=0)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)
     image_fetch_timeout_s: float = Field(10.0, gt=0)

@@ -91,6 +91,15 @@ class _RedactLinkSignatures(logging.Filter):
         return True
 
 
+def uvicorn_options(settings) -> dict:  # noqa: ANN001 - Settings
+    """The `uvicorn.Config` arguments `serve` runs with; the tests start their servers with the same."""
+    from .httpserver import uvicorn_http_options
+
+    return dict(host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.shutdown_timeout_s or None, proxy_headers=True,
+                **uvicorn_http_options(settings))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
@@ -116,8 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"  playground  http://{browse}:{settings.port}/\n  API docs    http://{browse}:{settings.port}/docs",
           flush=True)
     logging.getLogger("uvicorn.access").addFilter(_RedactLinkSignatures())
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s or None, proxy_headers=True)
+    config = uvicorn.Config(app, **uvicorn_options(settings))
     server = uvicorn.Server(config)
     # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal with the handlers it found installed. These
     # handlers make that re-raise a no-op, so a graceful stop exits with status 0 instead of "killed by signal".
