@@ -90,3 +90,16 @@ def test_not_ready_until_loaded_then_timeouts_stop_the_work(tmp_path, caplog):
         server.stop()
     assert not server.thread.is_alive()
     assert server.app.state.server.engine.queue.closed
+
+
+def test_dev_preset_start_up_gives_one_hint_for_real_weights(tmp_path, caplog):
+    """Start-up used to print two different hints (STEP1X_DIT_PATH/VAE_PATH/ENCODER_PATH from the app, `download`
+    or STEP1X_MODEL_DIR from the pipeline); the README says the latter. Now the app says "DEV PRESET" and the
+    pipeline gives the one hint."""
+    caplog.set_level(logging.WARNING)
+    server = start_server(dev_settings(tmp_path))
+    server.stop()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("DEV PRESET" in line for line in lines)
+    hints = [line for line in lines if "real model" in line or "STEP1X_" in line and "PATH" in line]
+    assert len(hints) == 1 and "step1x-edit download" in hints[0] and "STEP1X_MODEL_DIR" in hints[0], hints

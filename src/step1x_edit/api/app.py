@@ -84,8 +84,7 @@ def create_app(settings: Settings | None = None, *, pipeline_factory: Callable[[
             log.warning("no API key configured (STEP1X_API_KEYS / STEP1X_API_KEYS_FILE): the API is open to anyone "
                         "who can reach it")
         if settings.resolved_preset() == "dev":
-            log.warning("DEV PRESET: tiny random weights, every output image is noise; set STEP1X_DIT_PATH, "
-                        "STEP1X_VAE_PATH and STEP1X_ENCODER_PATH for the real model")
+            log.warning("DEV PRESET: tiny random weights, every output image is noise")  # (the hint: pipeline)
         engine.start()
         janitor = asyncio.create_task(_janitor(store, settings.janitor_interval_s))
         try:
