@@ -79,9 +79,24 @@ def test_playground_edit_in_a_real_browser(srv, examples_dir):
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(srv.base_url + "/")
 
-            # no key yet: the API's own message is shown
+            # no key yet: the header says so in words (it showed the API's raw 401 sentence)
             page.wait_for_selector("#model .pill.bad")
-            assert "401" in page.inner_text("#model")
+            header = page.inner_text("#model")
+            assert "API key needed" in header and "enter it" in header.lower(), header
+            assert "Authorization" not in header and "Bearer" not in header and "401" not in header, header
+
+            # the defaults are values, drawn like values (they were grey, like placeholders)
+            ink = page.evaluate("getComputedStyle(document.getElementById('prompt')).color")
+            for field in ("steps", "guidance", "strength", "seed", "n", "partial", "size", "negative"):
+                color = page.evaluate(f"getComputedStyle(document.getElementById('{field}')).color")
+                assert color == ink, (field, color, ink)
+            assert page.evaluate("getComputedStyle(document.querySelector('label')).color") != ink
+            # and the less obvious ones are explained on the page, not only in a tooltip
+            assert "random" in page.inner_text("#hint-seed")
+            assert "while" in page.inner_text("#hint-partial") and "0" in page.inner_text("#hint-partial")
+            assert "your image's size" in page.inner_text("#hint-size")
+            for field, hint in (("seed", "hint-seed"), ("partial", "hint-partial"), ("size", "hint-size")):
+                assert page.get_attribute(f"#{field}", "aria-describedby") == hint
             page.evaluate("""async () => {  // dropping a file works too (a 3x2 PNG made in the page)
                 const canvas = Object.assign(document.createElement('canvas'), {width: 3, height: 2});
                 const blob = await new Promise((done) => canvas.toBlob(done, 'image/png'));
@@ -95,7 +110,8 @@ def test_playground_edit_in_a_real_browser(srv, examples_dir):
             page.fill("#prompt", "Convert to quick pencil sketch")
             page.click("#run")
             page.wait_for_selector("#error:not([hidden])")
-            assert "API key" in page.inner_text("#error")
+            assert "needs an API key" in page.inner_text("#error")
+            assert "Authorization" not in page.inner_text("#error")
 
             # with the key (kept in the browser): the model card says dev preset, loudly
             page.fill("#key", KEY)
@@ -136,8 +152,13 @@ def test_playground_edit_in_a_real_browser(srv, examples_dir):
             assert "35%" in page.get_attribute("#cmp-after-wrap", "style")
             assert errors == []
 
-            page.click("#log-box summary")  # the event log, open in the screenshot
+            page.click("#log-box summary")  # the timeline, open in the screenshot
             assert page.locator("#log li").count() == len(types)
+            timeline = page.inner_text("#log-box")
+            # plain words, not the raw event names of a debugging console
+            assert "image_edit." not in timeline and "Events" not in timeline, timeline
+            assert "Step 1 of 4" in timeline and "Preview 1 of 2" in timeline and "seed 1234" in timeline, timeline
+            assert re.search(r"\d+\.\d s", timeline), timeline
             ARTIFACTS.mkdir(exist_ok=True)
             shot = ARTIFACTS / "playground.png"
             page.screenshot(path=str(shot), full_page=True)

@@ -43,9 +43,18 @@ async function loadModel() {
     const resp = await fetch("/v1/models", { headers: authHeaders() });
     const body = await resp.json().catch(() => null);
     if (!resp.ok) {
+      // in words: the API's own 401 sentence ("send it as 'Authorization: Bearer <key>'") is for programmers
       const msg = (body && body.error && body.error.message) || resp.statusText;
-      box.innerHTML = `<span class="pill bad">${resp.status}</span>`;
-      box.append(msg + (resp.status === 401 ? " Enter the API key on the right." : ""));
+      const [label, text] = resp.status === 401
+        ? (apiKey() ? ["API key refused", "The saved key is not one of this server's: enter the right one."]
+                    : ["API key needed", "This server needs an API key: enter it on the right."])
+        : [`Server error ${resp.status}`, msg];
+      box.innerHTML = "";
+      const pill = document.createElement("span");
+      pill.className = "pill bad"; pill.textContent = label;
+      const hint = document.createElement("span");
+      hint.className = "hint"; hint.textContent = text;
+      box.append(pill, hint);
       return;
     }
     const card = body.data[0];
@@ -88,16 +97,29 @@ drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " "
 function showError(message) { const box = $("error"); box.textContent = message; box.hidden = false; }
 function hideError() { $("error").hidden = true; }
 function setStatus(text) { $("status").textContent = text; }
-function logEvent(ev) {
+// The timeline: what happened when, in words (the raw events stay in window.step1x.events).
+function logEvent(ev, seconds, previews, seed) {
   const slim = {};
   for (const [k, v] of Object.entries(ev)) slim[k] = k === "b64_json" ? `(${v.length} chars)` : v;
   state.events.push(slim);
+  const image = (i) => (state.imageCount > 1 ? ` (image ${i + 1})` : "");
+  let text = "", cls = "";
+  if (ev.type.endsWith(".progress")) {
+    text = ev.step === 0 ? `Started: ${ev.total_steps} steps` : `Step ${ev.step} of ${ev.total_steps}`;
+  } else if (ev.type.endsWith(".partial_image")) {
+    text = `Preview ${ev.partial_image_index + 1} of ${previews}, at step ${ev.step}${image(ev.image_index)}`;
+  } else if (ev.type.endsWith(".completed")) {
+    text = `Done${image(ev.image_index)}: ${ev.size}, seed ${seed}`; cls = "done";
+  } else {
+    text = "Failed: " + (ev.error ? ev.error.message : "the stream broke off"); cls = "failed";
+  }
   const li = document.createElement("li");
-  const detail = ev.type.endsWith(".progress") ? `step ${ev.step}/${ev.total_steps}`
-    : ev.type.endsWith(".partial_image") ? `preview ${ev.partial_image_index}, image ${ev.image_index}, step ${ev.step}`
-    : ev.type.endsWith(".completed") ? `image ${ev.image_index}, seed ${ev.seed}, ${ev.size}`
-    : ev.error ? ev.error.message : "";
-  li.textContent = `${ev.type}  ${detail}`;
+  if (cls) li.className = cls;
+  const at = document.createElement("span");
+  at.className = "at"; at.textContent = `${seconds.toFixed(1)} s`;
+  const what = document.createElement("span");
+  what.textContent = text;
+  li.append(at, what);
   $("log").append(li);
   $("log-count").textContent = `(${state.events.length})`;
 }
@@ -213,14 +235,19 @@ async function runEdit(e) {
     if (!resp.ok) {
       const body = await resp.json().catch(() => null);
       const msg = (body && body.error && body.error.message) || `${resp.status} ${resp.statusText}`;
-      showError(msg + (resp.status === 401 ? "\nEnter the server's API key at the top right." : ""));
+      showError(resp.status !== 401 ? msg : apiKey()
+        ? "The API key was refused: check the one at the top right."
+        : "This server needs an API key: enter it at the top right.");
       setStatus(`Failed (${resp.status}).`);
       return;
     }
     setStatus("Queued…");
     let finished = 0;
+    const previews = +$("partial").value || 0;
+    state.imageCount = +$("n").value || 1;
     for await (const { event, raw, data } of sseEvents(resp.body)) {
-      logEvent(data);
+      logEvent(data, (performance.now() - started) / 1000, previews,
+               data.type && data.type.endsWith(".completed") ? exactSeed(raw, data.seed) : null);
       if (event === "error" || data.type === "error") {
         showError(data.error ? data.error.message : "The stream failed");
         setStatus("Failed.");
