@@ -44,7 +44,7 @@ def write_checkpoint(path: Path, double: int, single: int, connector_depth: int,
     import torch
 
     from step1x_edit.models import presets
-    from step1x_edit.models.dit import Step1XEditTransformer
+    from step1x_edit.models.dit import Step1XEditTransformer2DModel
     from step1x_edit.models.weights import DIT_RULES, expected_official_shapes, with_version
 
     from dataclasses import replace
@@ -52,7 +52,7 @@ def write_checkpoint(path: Path, double: int, single: int, connector_depth: int,
     cfg = replace(presets.FULL_DIT, depth=double, depth_single_blocks=single)
     cfg = replace(cfg, connector=replace(cfg.connector, depth=connector_depth))
     with torch.device("meta"):
-        model = Step1XEditTransformer(with_version(cfg, "v1.1"))
+        model = Step1XEditTransformer2DModel.from_dit_config(with_version(cfg, "v1.1"))
     shapes = expected_official_shapes(model, DIT_RULES)
     header, offset, plan = {}, 0, []
     for key in sorted(shapes):

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from step1x_edit.models import presets
 from step1x_edit.models import weights as W
 from step1x_edit.models.connector import ConnectorConfig
-from step1x_edit.models.dit import DiTConfig, Step1XEditTransformer
+from step1x_edit.models.dit import DiTConfig, Step1XEditTransformer2DModel
 from step1x_edit.models.vae import build_vae
 
 ENCODER_HIDDEN = 64
@@ -39,9 +39,9 @@ TINY_VAE = presets.DEV_VAE
 SHARD_BYTES = 1_500_000  # small shards: the tiny transformer becomes ~7 files
 
 
-def tiny_dit(version: str = "v1.1", seed: int = 0) -> Step1XEditTransformer:
+def tiny_dit(version: str = "v1.1", seed: int = 0) -> Step1XEditTransformer2DModel:
     """Random tiny DiT with bf16-representable weights (checkpoints are bf16), held in fp32."""
-    model = Step1XEditTransformer(W.with_version(TINY_DIT, version))
+    model = Step1XEditTransformer2DModel.from_dit_config(W.with_version(TINY_DIT, version))
     presets.init_random_(model, torch.Generator().manual_seed(seed))
     if version == "v1.0":
         with torch.no_grad():
@@ -126,7 +126,7 @@ def write_diffusers(model, vae, root: Path, encoder_dir: Path | None = None, cla
     else:
         tr.mkdir(parents=True, exist_ok=True)
         save_file(state, str(tr / "diffusion_pytorch_model.safetensors"))
-    (tr / "config.json").write_text(json.dumps(W.dit_config_to_diffusers(model.cfg)))
+    (tr / "config.json").write_text(json.dumps(W.dit_config_to_diffusers(model.dit_config)))
     (root / "vae").mkdir(exist_ok=True)
     save_file(bf16(vae.state_dict()), str(root / "vae" / "diffusion_pytorch_model.safetensors"))
     (root / "vae" / "config.json").write_text(json.dumps(W.vae_config_to_diffusers(TINY_VAE)))

@@ -80,13 +80,13 @@ def test_server_finds_the_weights_in_the_cache_by_default(tmp_path, files):
 
     _hub(tmp_path, files)
     settings = Settings(device="cpu", size_level=256)  # no paths: HF_HUB_CACHE is the only hint
-    assert settings.resolved_preset() == "full"
+    assert L.resolve_preset(settings) == "full"
     plan = L.resolve_weights(settings)
     assert plan.dit.path.name == DIT and plan.sources["dit"].startswith("the Hugging Face cache")
     assert plan.encoder.path.name == "b" * 40  # the Qwen snapshot folder
     pipe = build_pipeline(settings)
     assert pipe.preset == "full" and pipe.version == "v1.1"
-    assert Settings(hf_cache=False).resolved_preset() == "dev"
+    assert L.resolve_preset(Settings(hf_cache=False)) == "dev"
 
 
 def test_truncated_blob_is_caught_against_the_hub_size(tmp_path, files, capsys):

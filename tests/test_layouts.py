@@ -291,7 +291,7 @@ def test_diffusers_config_disagreeing_with_weights_names_the_key(ckpts, tmp_path
 def test_resolution_order_and_preset(ckpts, tiny, tmp_path, encoder_dir, monkeypatch):
     official = LF.write_official_dir(tiny["v1.1"], tiny["vae"], tmp_path / "official", encoder_dir)
     s = Settings(model_dir=official)
-    assert s.resolved_preset() == "full"
+    assert L.resolve_preset(s) == "full"
     plan = L.resolve_weights(s)
     assert plan.dit.path.name == "step1x-edit-v1p1-official.safetensors" and plan.version == "v1.1"
     assert plan.vae.path.name == "vae.safetensors" and plan.encoder.path.name == "Qwen2.5-VL-7B-Instruct"
@@ -311,7 +311,7 @@ def test_resolution_order_and_preset(ckpts, tiny, tmp_path, encoder_dir, monkeyp
         L.resolve_weights(Settings())  # this diffusers directory has no text_encoder/
     monkeypatch.delenv("STEP1X_MODEL_DIR")
     # nothing anywhere: auto -> dev; full -> an error that says what to do
-    assert Settings().resolved_preset() == "dev"
+    assert L.resolve_preset(Settings()) == "dev"
     with pytest.raises(W.WeightsError, match=r"missing dit .*vae .*encoder .*step1x-edit download"):
         L.resolve_weights(Settings(preset="full"))
 

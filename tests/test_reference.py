@@ -57,7 +57,7 @@ def test_other_dimensions_and_seeds(golden_dir, tmp_path):
     """A directory in the same format with a different config, latent size, seeds and version: the checker
     reads everything from cases.json / the tensors, so it runs every case (here the outputs come from the
     golden v1.0 directory's weights re-dimensioned: only the structure is new, values are recomputed)."""
-    from step1x_edit.models.dit import Step1XEditTransformer
+    from step1x_edit.models.dit import Step1XEditTransformer2DModel
     from step1x_edit.models.presets import init_random_
     from step1x_edit.models.weights import DIT_RULES, dit_config_from_dict, save_official
     from step1x_edit.pipeline import sampling
@@ -68,7 +68,7 @@ def test_other_dimensions_and_seeds(golden_dir, tmp_path):
     meta["dit_params"].update(hidden_size=64, num_heads=2, context_in_dim=96, axes_dim=[4, 14, 14])
     meta["connector_params"].update(in_channels=48, hidden_size=96, heads_num=3)
     cfg = dit_config_from_dict(meta["dit_params"], meta["connector_params"], "v1.0")
-    dit = init_random_(Step1XEditTransformer(cfg), torch.Generator().manual_seed(7)).eval()
+    dit = init_random_(Step1XEditTransformer2DModel.from_dit_config(cfg), torch.Generator().manual_seed(7)).eval()
     save_official(dit, DIT_RULES, d / "dit.safetensors")
     shutil.copy(golden_dir / "tiny-a" / "vae.safetensors", d / "vae.safetensors")
     g = torch.Generator().manual_seed(99)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from step1x_edit.models import presets
-from step1x_edit.models.dit import Step1XEditTransformer
+from step1x_edit.models.dit import Step1XEditTransformer2DModel
 from step1x_edit.models.vae import build_vae
 from step1x_edit.models.weights import (
     DIT_RULES,
@@ -37,7 +37,7 @@ def _meta(model_fn):
 def test_full_size_key_set_matches_official_manifest(golden_dir):
     """Our full-size modules map onto exactly the official file's 817 DiT keys and 244 VAE keys and shapes."""
     manifest = json.loads((golden_dir / "manifest-dit-full.json").read_text())["shapes"]
-    dit = _meta(lambda: Step1XEditTransformer(with_version(presets.FULL_DIT, "v1.0")))
+    dit = _meta(lambda: Step1XEditTransformer2DModel.from_dit_config(with_version(presets.FULL_DIT, "v1.0")))
     assert expected_official_shapes(dit, DIT_RULES) == {k: tuple(v) for k, v in manifest.items()}
     vae_manifest = json.loads((golden_dir / "manifest-vae-full.json").read_text())["shapes"]
     vae = _meta(lambda: build_vae(presets.FULL_VAE))
@@ -46,7 +46,7 @@ def test_full_size_key_set_matches_official_manifest(golden_dir):
 
 def test_full_size_parameter_count(golden_dir):
     manifest = json.loads((golden_dir / "manifest-dit-full.json").read_text())
-    dit = _meta(lambda: Step1XEditTransformer(with_version(presets.FULL_DIT, "v1.0")))
+    dit = _meta(lambda: Step1XEditTransformer2DModel.from_dit_config(with_version(presets.FULL_DIT, "v1.0")))
     assert sum(p.numel() for p in dit.parameters()) == manifest["total_parameters"]
 
 

@@ -176,14 +176,6 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def safetensors_size_ok(path: str | Path) -> tuple[bool, str]:
-    try:
-        read_safetensors_header(path)
-        return True, ""
-    except WeightsError as e:
-        return False, str(e)
-
-
 def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -627,6 +619,15 @@ def has_weights(settings: Any) -> bool:
     except Exception as e:  # a broken cache must not stop the dev preset from starting
         log.warning("could not look in the Hugging Face cache %s: %s", cache, e)
         return False
+
+
+def resolve_preset(settings: Any) -> str:
+    """The settings' preset with `auto` decided: `full` when a Step1X-Edit DiT is configured or found
+    (STEP1X_DIT_PATH, STEP1X_MODEL_DIR, the Hugging Face cache), else `dev`. File-system lookups only, no torch."""
+    preset = _settings_get(settings, "preset", "auto")
+    if preset != "auto":
+        return preset
+    return "full" if has_weights(settings) else "dev"
 
 
 def resolve_weights(settings: Any) -> WeightsPlan:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .connector import ConnectorConfig
-from .dit import DiTConfig, Step1XEditTransformer
+from .dit import DiTConfig, Step1XEditTransformer2DModel
 from .vae import VAEConfig, build_vae
 
 FULL_DIT = DiTConfig()
@@ -54,8 +54,8 @@ def init_random_(module: nn.Module, generator: torch.Generator) -> nn.Module:
     return module
 
 
-def build_dev_dit(seed: int = 0) -> Step1XEditTransformer:
-    return init_random_(Step1XEditTransformer(DEV_DIT), torch.Generator().manual_seed(seed)).eval().requires_grad_(False)
+def build_dev_dit(seed: int = 0) -> Step1XEditTransformer2DModel:
+    return init_random_(Step1XEditTransformer2DModel.from_dit_config(DEV_DIT), torch.Generator().manual_seed(seed)).eval().requires_grad_(False)
 
 
 def build_dev_vae(seed: int = 0):

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .connector import ConnectorConfig
-from .dit import DiTConfig, Step1XEditTransformer
+from .dit import DiTConfig, Step1XEditTransformer2DModel, unsupported_config
 from .layouts import (
     FLOAT_DTYPES,
     FP8_DTYPE,
@@ -509,69 +509,18 @@ def infer_dit_config(file: Checkpoint, version: str, head_dim: int = 128, layout
 
 
 def dit_config_from_diffusers(config: Mapping, version: str, where: str | Path = "config.json") -> DiTConfig:
-    """A `DiTConfig` from a diffusers `transformer/config.json` (`Step1XEditTransformer2DModel`, diffusers PR
-    #12249: num_layers, num_single_layers, attention_head_dim, num_attention_heads, joint_attention_dim,
-    vector_in_dim, axes_dims_rope, connector_*). mlp_ratio is not configurable there (4.0); the strict key/shape
-    check catches any file that disagrees."""
-    c = dict(config)
-    refuse = []
-    if c.get("guidance_embeds"):
-        refuse.append("guidance_embeds=true (Step1X-Edit has no guidance embedding)")
-    if c.get("patch_size", 1) != 1:
-        refuse.append(f"patch_size={c['patch_size']} (expected 1)")
-    if c.get("timestep_in_dim", 256) != 256:
-        refuse.append(f"timestep_in_dim={c['timestep_in_dim']} (expected 256)")
-    if c.get("connector_need_CA"):
-        refuse.append("connector_need_CA=true (the v1.2 connector cross-attention is not supported yet)")
+    """A `DiTConfig` from a diffusers `transformer/config.json` (the diffusers port's `Step1XEditTransformer2DModel`,
+    PR #12249, or ours); refuses what this model cannot be, naming the file. The strict key/shape check catches any
+    file that disagrees with it."""
+    refuse = unsupported_config(config)
     if refuse:
         raise WeightsError(f"{where}: unsupported transformer config: " + "; ".join(refuse))
-    heads, head_dim = int(c.get("num_attention_heads", 24)), int(c.get("attention_head_dim", 128))
-    in_ch = int(c.get("in_channels", 64))
-    vec = int(c.get("vector_in_dim", c.get("pooled_projection_dim", 768)))
-    return DiTConfig(
-        in_channels=in_ch,
-        out_channels=int(c.get("out_channels") or in_ch),
-        vec_in_dim=vec,
-        context_in_dim=int(c.get("joint_attention_dim", 4096)),
-        hidden_size=heads * head_dim,
-        mlp_ratio=4.0,
-        num_heads=heads,
-        depth=int(c.get("num_layers", 19)),
-        depth_single_blocks=int(c.get("num_single_layers", 38)),
-        axes_dim=tuple(int(a) for a in c.get("axes_dims_rope", (16, 56, 56))),
-        connector=ConnectorConfig(
-            in_channels=int(c.get("connector_in_channels", 3584)),
-            hidden_size=int(c.get("connector_hidden_size", 4096)),
-            num_heads=int(c.get("connector_heads_num", 32)),
-            depth=int(c.get("connector_depth", 2)),
-            vec_dim=vec,
-            has_scale_factor=version == "v1.0",
-        ),
-    )
+    return DiTConfig.from_diffusers(config, version)
 
 
 def dit_config_to_diffusers(cfg: DiTConfig) -> dict:
-    """The inverse of `dit_config_from_diffusers` (tests and exporters write diffusers directories with it)."""
-    return {
-        "_class_name": "Step1XEditTransformer2DModel",
-        "patch_size": 1,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "num_layers": cfg.depth,
-        "num_single_layers": cfg.depth_single_blocks,
-        "attention_head_dim": cfg.head_dim,
-        "num_attention_heads": cfg.num_heads,
-        "joint_attention_dim": cfg.context_in_dim,
-        "timestep_in_dim": 256,
-        "vector_in_dim": cfg.vec_in_dim,
-        "connector_in_channels": cfg.connector.in_channels,
-        "connector_hidden_size": cfg.connector.hidden_size,
-        "connector_heads_num": cfg.connector.num_heads,
-        "connector_depth": cfg.connector.depth,
-        "connector_need_CA": False,
-        "guidance_embeds": False,
-        "axes_dims_rope": list(cfg.axes_dim),
-    }
+    """A diffusers `transformer/config.json` for `cfg` (tests and exporters write diffusers directories with it)."""
+    return {"_class_name": Step1XEditTransformer2DModel.__name__, **cfg.to_diffusers()}
 
 
 def with_version(cfg: DiTConfig, version: str) -> DiTConfig:
@@ -585,7 +534,7 @@ def load_dit(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     fp8: bool = False,
-) -> tuple[Step1XEditTransformer, str]:
+) -> tuple[Step1XEditTransformer2DModel, str]:
     """Any DiT layout -> (model, version): an official single file (bf16/fp32 or FP8), an official sharded index
     json, a diffusers `transformer/` folder (single or sharded) or a diffusers pipeline directory.
 
@@ -622,7 +571,7 @@ def load_dit(
         cfg = infer_dit_config(file, version, layout=src.layout)
     rules = DIT_RULES if src.layout == "official" else DIFFUSERS_DIT_RULES
     with torch.device("meta"):
-        model = Step1XEditTransformer(cfg)
+        model = Step1XEditTransformer2DModel.from_dit_config(cfg)
     _load_into(model, file, rules, device, dtype, ignore, dtypes=FLOAT_DTYPES | {FP8_DTYPE}, fp8=fp8)
     log.info("DiT %s (%s layout%s) loaded to %s/%s%s in %.1f s", src.path, src.layout,
              ", FP8 file" if src.fp8 else "", device, str(dtype).removeprefix("torch."),
@@ -726,7 +675,6 @@ def dit_config_from_dict(params: Mapping, connector: Mapping | None, version: st
         depth_single_blocks=params["depth_single_blocks"],
         axes_dim=tuple(params["axes_dim"]),
         theta=params["theta"],
-        qkv_bias=params["qkv_bias"],
         connector=conn,
     )
 
@@ -800,6 +748,3 @@ def save_sharded(state: Mapping[str, torch.Tensor], folder: str | Path, stem: st
     index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return index
 
-
-def manifest_shapes(path: str | Path) -> dict[str, list[int]]:
-    return json.loads(Path(path).read_text())["shapes"]
