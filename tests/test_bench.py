@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from step1x_edit import bench
 from step1x_edit.models import presets
-from step1x_edit.models.dit import Step1XEditTransformer
+from step1x_edit.models.dit import Step1XEditTransformer2DModel
 
 
 def _sdpa_formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
@@ -36,10 +36,10 @@ def test_analytic_dit_flops_match_the_flop_counter(size):
 def test_full_size_dit_matches_the_official_parameter_count(golden_dir):
     manifest = json.loads((golden_dir / "manifest-dit-full.json").read_text())
     with torch.device("meta"):
-        dit = Step1XEditTransformer(presets.FULL_DIT)  # v1.0 layout, like the manifest (has scale_factor)
+        dit = Step1XEditTransformer2DModel.from_dit_config(presets.FULL_DIT)  # v1.0 layout, like the manifest (has scale_factor)
     assert sum(p.numel() for p in dit.parameters()) == manifest["total_parameters"]
     with torch.device("meta"):
-        v11 = Step1XEditTransformer(bench.BENCH_DIT)
+        v11 = Step1XEditTransformer2DModel.from_dit_config(bench.BENCH_DIT)
     assert sum(p.numel() for p in v11.parameters()) == manifest["total_parameters"] - 1
 
 
@@ -58,8 +58,8 @@ def test_qwen25_vl_7b_config_has_the_published_size():
 def test_random_build_goes_through_meta_and_is_seeded():
     d = bench.dims(tiny=True)
     cpu = torch.device("cpu")
-    a = bench.build_random(lambda: Step1XEditTransformer(d.dit), cpu, torch.bfloat16, seed=3)
-    b = bench.build_random(lambda: Step1XEditTransformer(d.dit), cpu, torch.bfloat16, seed=3)
+    a = bench.build_random(lambda: Step1XEditTransformer2DModel.from_dit_config(d.dit), cpu, torch.bfloat16, seed=3)
+    b = bench.build_random(lambda: Step1XEditTransformer2DModel.from_dit_config(d.dit), cpu, torch.bfloat16, seed=3)
     assert all(p.dtype == torch.bfloat16 and p.device == cpu for p in a.parameters())
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     w = a.transformer_blocks[0].attn.to_q.weight.float()

@@ -1,7 +1,8 @@
 """Admission, batching, cancellation and shutdown of the engine (`engine/queue.py`, `engine/worker.py`).
 
-These use a small stand-in that follows the pipeline's interface (run / batch_key / info), so that batching can
-be observed exactly and timed by the test; the API tests run the real pipeline.
+These use a small stand-in that follows the pipeline's interface (`engine.worker.PipelineLike`: prepare / run /
+info / release_memory), so that batching can be observed exactly and timed by the test; the API tests run the real
+pipeline.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import pytest
 
 from step1x_edit.engine.metrics import Metrics
 from step1x_edit.engine.queue import EngineClosed, Job, JobQueue, QueueFull
-from step1x_edit.engine.worker import Aborted, Engine, NotReady
+from step1x_edit.engine.worker import Aborted, Engine, NotReady, PipelineLike
+from step1x_edit.pipeline.types import Cancelled, EditResult, PreparedEdit
 
 
 @dataclass
@@ -37,22 +39,40 @@ class Stand:
     def info(self) -> dict:
         return {"version": "v1.1", "preset": "dev", "device": "cpu", "dtype": "float32"}
 
-    def batch_key(self, req: Req) -> tuple:
+    def prepare(self, req: Req) -> PreparedEdit:
         if req.key == "invalid":
             raise ValueError("steps: invalid for this test")
-        return (req.key,)
+        return _prepared(req, req.key, req.n)
 
-    def run(self, requests, on_step=None):
-        self.calls.append(list(requests))
+    def run(self, batch, *, on_step=None, on_preview=None, should_stop=None):
+        requests = [p.request for p in batch]
+        self.calls.append(requests)
         self.in_call.set()
         if any(r.bad for r in requests):
             raise ValueError("prompt: bad input")
         for step in range(requests[0].steps):
+            if should_stop():
+                raise Cancelled()
             self.gate.wait(10)
-            if on_step:
-                on_step(step + 1, requests[0].steps)
+            on_step(step + 1, requests[0].steps)
         self.in_call.clear()
-        return [f"result-{id(r)}" for r in requests]
+        return [EditResult(images=[], seeds=[id(r)], text_tokens=0, image_tokens=0) for r in requests]
+
+    def release_memory(self) -> None:
+        pass
+
+
+def _prepared(request, key, images: int) -> PreparedEdit:
+    return PreparedEdit(request=request, original_size=(1, 1), resized=None, seeds=tuple(range(images)), key=(key,))
+
+
+def _job(key: str, images: int = 1) -> Job:
+    return Job(prepared=_prepared(None, key, images))
+
+
+def test_the_stand_in_follows_the_protocol():
+    stand: PipelineLike = Stand()  # (a type checker holds it to the protocol)
+    assert callable(stand.prepare) and callable(stand.run) and callable(stand.release_memory)
 
 
 def _engine(stand: Stand, **kw) -> Engine:
@@ -74,7 +94,7 @@ def _hold(stand: Stand, engine: Engine) -> Job:
 
 def test_queue_batches_compatible_jobs_within_the_image_budget():
     q = JobQueue(depth=10)
-    jobs = [Job(request=None, key=k, images=n) for k, n in [("a", 1), ("b", 1), ("a", 2), ("a", 2), ("a", 1)]]
+    jobs = [_job(k, n) for k, n in [("a", 1), ("b", 1), ("a", 2), ("a", 2), ("a", 1)]]
     for j in jobs:
         q.put(j)
     assert q.stats() == (5, 7)
@@ -86,7 +106,7 @@ def test_queue_batches_compatible_jobs_within_the_image_budget():
 
 def test_oversized_first_job_still_runs_alone():
     q = JobQueue(depth=10)
-    big, small = Job(request=None, key="a", images=8), Job(request=None, key="a", images=1)
+    big, small = _job("a", 8), _job("a", 1)
     q.put(big)
     q.put(small)
     assert q.take_batch(4) == [big]
@@ -94,20 +114,20 @@ def test_oversized_first_job_still_runs_alone():
 
 def test_queue_full_and_cancelled_jobs_leave_the_queue():
     q = JobQueue(depth=2)
-    a, b = Job(request=None, key="a", images=1), Job(request=None, key="a", images=1)
+    a, b = _job("a", 1), _job("a", 1)
     q.put(a)
     q.put(b)
     with pytest.raises(QueueFull):
-        q.put(Job(request=None, key="a", images=1))
+        q.put(_job("a", 1))
     assert a.cancel("disconnected") is True
     assert q.stats() == (1, 1)
-    q.put(Job(request=None, key="b", images=1))  # room again
+    q.put(_job("b", 1))  # room again
     assert q.take_batch(4)[0] is b
 
 
 def test_batch_waits_briefly_for_companions():
     q = JobQueue(depth=10)
-    first, late = Job(request=None, key="a", images=1), Job(request=None, key="a", images=1)
+    first, late = _job("a", 1), _job("a", 1)
     q.put(first)
     threading.Timer(0.05, q.put, args=(late,)).start()
     assert q.take_batch(4, wait_s=1.0) == [first, late]
@@ -115,11 +135,11 @@ def test_batch_waits_briefly_for_companions():
 
 def test_closed_queue_drains_then_ends():
     q = JobQueue(depth=10)
-    job = Job(request=None, key="a", images=1)
+    job = _job("a", 1)
     q.put(job)
     q.close()
     with pytest.raises(EngineClosed):
-        q.put(Job(request=None, key="a", images=1))
+        q.put(_job("a", 1))
     assert q.take_batch(4) == [job]
     assert q.take_batch(4) is None
 
@@ -132,7 +152,7 @@ def test_engine_batches_waiting_jobs_and_counts_images():
     assert engine.stats()["queued_jobs"] == 5 and engine.stats()["queued_images"] == 6
     stand.gate.set()
     for j in [blocker, *jobs]:
-        assert j.future.result(5).startswith("result-")
+        assert isinstance(j.future.result(5), EditResult)
     sizes = [[r.n for r in call] for call in stand.calls[1:]]
     assert sizes == [[1, 2, 1], [1], [1]]  # budget 4: the fourth x-job waits for the next call
     m = engine.metrics.registry
@@ -162,7 +182,7 @@ def test_cancelled_queued_job_never_reaches_the_pipeline():
     assert gone.cancel("disconnected")
     stand.gate.set()
     assert kept.future.result(5)
-    assert all(gone.request is not r for call in stand.calls for r in call)
+    assert all(gone.prepared.request is not r for call in stand.calls for r in call)
     engine.shutdown(5)
 
 

@@ -5,6 +5,7 @@ nothing, and the golden reference check still passes with the exact options appl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 import pytest
@@ -159,15 +160,17 @@ def _pixels(res) -> np.ndarray:
 
 def test_defaults_touch_nothing(plain_pipe):
     assert isinstance(plain_pipe.dit, type(presets.build_dev_dit()))
-    assert plain_pipe.step_cache is None and plain_pipe.offload is None
+    assert plain_pipe.step_cache is None and plain_pipe.offload is None and not plain_pipe.dit.is_cache_enabled
     assert not getattr(plain_pipe.dit.transformer_blocks[0].attn, "fused_projections", False)
-    assert fastpath.describe(plain_pipe) == {}
+    assert plain_pipe.perf.changes() == {}
+    assert set(plain_pipe.info()) == {"version", "preset", "device", "dtype", "size_level"}
 
 
 def test_exact_options_together_give_the_same_edit(plain_result):
     pipe = build_pipeline(Settings(preset="dev", size_level=256, device="cpu", fuse_qkv=True,
                                    attention_backend="math", vae_channels_last=True))
-    assert fastpath.describe(pipe) == {"fuse_qkv": True, "attention_backend": "math", "vae_channels_last": True}
+    assert pipe.perf.changes() == {"fuse_qkv": True, "attention_backend": "math", "vae_channels_last": True}
+    assert pipe.info()["fuse_qkv"] is True
     (res,) = pipe.run([_req()])
     diff = np.abs(_pixels(res) - _pixels(plain_result)).max()
     print(f"exact options, whole edit: max pixel diff {diff}")
@@ -195,9 +198,7 @@ def test_offload_hooks_load_on_call_and_come_off():
     assert off.loads == ["b", "a"]
 
 
-def test_step_cache_off_is_not_even_a_wrapper():
-    pipe = build_pipeline(Settings(preset="dev", size_level=256, device="cpu", step_cache_threshold=0.0))
-    assert pipe.step_cache is None and not isinstance(pipe.dit, fastpath.FirstBlockCache)
+# --- step caches: diffusers' hooks on the FLUX blocks ------------------------------------------------------------
 
 
 def _denoise_case(steps=6, seed=3):
@@ -215,49 +216,110 @@ def _denoise_case(steps=6, seed=3):
     return run
 
 
-def test_step_cache_that_never_skips_is_bit_identical():
-    dit = presets.build_dev_dit()
-    inputs = _inputs()
-    cached = fastpath.FirstBlockCache(dit, threshold=1e-30)
-    assert torch.equal(_forward(cached, inputs), _forward(dit, inputs))
+def _cache(dit, **options):
+    return fastpath.StepCache(dit, fastpath.PerfOptions(**options))
+
+
+def _first_block_changes(dit, run) -> list[float]:
+    """Per step, the relative L1 change of the first block's image residual from the previous step's (what the
+    first-block cache compares with its threshold), measured on the uncached model."""
+    residuals = []
+    hook = dit.transformer_blocks[0].register_forward_hook(
+        lambda mod, args, kwargs, out: residuals.append(out[1] - kwargs["hidden_states"]), with_kwargs=True)
+    run(dit)
+    hook.remove()
+    return [((a - b).abs().mean() / b.abs().mean()).item() for a, b in zip(residuals[1:], residuals[:-1])]
+
+
+def test_step_cache_off_means_no_hooks():
+    pipe = build_pipeline(Settings(preset="dev", size_level=256, device="cpu", step_cache="none"))
+    assert pipe.step_cache is None and not pipe.dit.is_cache_enabled
+
+
+def test_first_block_cache_that_never_skips_is_bit_identical():
     run = _denoise_case()
-    assert torch.equal(run(cached), run(dit))
-    assert cached.stats.calls == 6 and cached.stats.skipped == 0 and len(cached.stats.decisions) == 5
-    assert cached.cfg is dit.cfg and cached.connector is dit.connector  # stands in for the DiT
+    exact = run(presets.build_dev_dit())
+    dit = presets.build_dev_dit()
+    cache = _cache(dit, step_cache="first_block", step_cache_threshold=1e-30)
+    assert dit.is_cache_enabled
+    assert torch.equal(run(dit), exact)
+    assert (cache.calls, cache.skipped) == (6, 0)
 
 
-def test_step_cache_on_skips_steps_with_a_measured_deviation():
-    dit, steps = presets.build_dev_dit(), 10
+def test_first_block_cache_skips_steps_with_a_measured_deviation():
+    steps = 10
     run = _denoise_case(steps)
+    dit = presets.build_dev_dit()
     exact = run(dit)
-    probe = fastpath.FirstBlockCache(dit, threshold=1e-30)
-    run(probe)
-    changes = sorted(probe.stats.decisions)
+    changes = sorted(_first_block_changes(dit, run))
     # A threshold in the middle of this random model's per-step changes: some steps skipped, not all.
-    cached = fastpath.FirstBlockCache(dit, threshold=changes[len(changes) // 2] * 1.001)
-    out = run(cached)
-    stats = cached.stats
+    threshold = changes[len(changes) // 2] * 1.001
+    cache = _cache(dit, step_cache="first_block", step_cache_threshold=threshold)
+    out = run(dit)
     rel = ((out - exact).norm() / exact.norm()).item()
-    print(f"step cache threshold {cached.threshold:.3f} (random dev DiT, {steps} steps, CFG): skipped "
-          f"{stats.skipped}/{stats.calls}, final latent relative L2 deviation {rel:.3f}; "
+    print(f"first-block cache threshold {threshold:.3f} (random dev DiT, {steps} steps, CFG): skipped "
+          f"{cache.skipped}/{cache.calls}, final latent relative L2 deviation {rel:.3f}; "
           f"uncached per-step relative L1 changes {[round(c, 3) for c in changes]}")
-    assert 0 < stats.skipped < stats.calls == steps
+    assert 0 < cache.skipped < cache.calls == steps
     assert 0 < rel < 1
-    run(cached)  # a new denoise call starts fresh: its first step runs in full
-    assert cached.stats.calls == steps and cached.total.calls == 2 * steps
+    first = cache.skipped
+    assert torch.equal(run(dit), out)  # a new denoise call starts fresh (state reset): the same steps again
+    assert cache.calls == 2 * steps and cache.skipped == 2 * first
 
 
-def test_step_cache_setting_wraps_the_pipeline_dit():
-    pipe = build_pipeline(Settings(preset="dev", size_level=256, device="cpu", step_cache_threshold=1.0))
-    assert isinstance(pipe.dit, fastpath.FirstBlockCache) and pipe.step_cache is pipe.dit
+def test_taylorseer_predicts_steps_between_full_ones():
+    steps = 8
+    run = _denoise_case(steps)
+    dit = presets.build_dev_dit()
+    exact = run(dit)
+    cache = _cache(dit, step_cache="taylorseer", step_cache_interval=3, step_cache_warmup_steps=2)
+    out = run(dit)
+    rel = ((out - exact).norm() / exact.norm()).item()
+    print(f"TaylorSeer interval 3, warm-up 2 ({steps} steps): {cache.skipped}/{cache.calls} steps predicted, "
+          f"final latent relative L2 deviation {rel:.3f}")
+    assert 0 < cache.skipped < cache.calls == steps and 0 < rel
+    assert torch.equal(run(dit), out)  # reset between denoise calls
+
+
+def test_magcache_calibration_skips_nothing_and_ratios_skip_steps():
+    steps = 6
+    run = _denoise_case(steps)
+    dit = presets.build_dev_dit()
+    exact = run(dit)
+    calibrating = _cache(dit, step_cache="magcache", step_cache_mag_ratios="calibrate")
+    calibrating.begin(steps)
+    assert torch.equal(run(dit), exact) and calibrating.skipped == 0
+    dit.disable_cache()
+    cache = _cache(dit, step_cache="magcache", step_cache_mag_ratios=",".join(["1.0"] * 10),
+                   step_cache_threshold=1.0)
+    cache.begin(steps)
+    out = run(dit)
+    print(f"MagCache, ratios 1.0, threshold 1.0: {cache.skipped}/{cache.calls} steps skipped")
+    assert 0 < cache.skipped < cache.calls and not torch.equal(out, exact)
+    cache.begin(steps + 2)  # another step count: the hooks are re-applied for it
+    assert dit.is_cache_enabled and cache._steps == steps + 2
+
+
+def test_magcache_needs_its_ratios():
+    with pytest.raises(ValueError, match="step_cache_mag_ratios"):
+        build_pipeline(Settings(preset="dev", size_level=256, device="cpu", step_cache="magcache"))
+    with pytest.raises(ValueError, match="not a list of numbers"):
+        fastpath.mag_ratios("1.0,fast")
+
+
+def test_step_cache_setting_puts_the_hooks_on_the_pipeline_dit():
+    pipe = build_pipeline(Settings(preset="dev", size_level=256, device="cpu", step_cache="first_block",
+                                   step_cache_threshold=1.0))
+    assert pipe.dit.is_cache_enabled and pipe.step_cache is not None
     (res,) = pipe.run([_req(steps=4)])
-    info = fastpath.describe(pipe)
-    assert info["step_cache_calls"] == 4 and info["step_cache_skipped_fraction"] == pipe.step_cache.stats.skipped / 4
+    info = pipe.info()
+    assert info["step_cache"] == "first_block" and info["step_cache_calls"] == 4
+    assert info["step_cache_skipped"] == pipe.step_cache.skipped > 0
     assert res.images[0].size == (96, 64)
 
 
 def test_warmup_runs_one_step_per_size(plain_pipe):
-    took = fastpath.warmup(plain_pipe, [256, 320], steps=1)
+    took = plain_pipe.warmup([256, 320], steps=1)
     assert set(took) == {256, 320} and all(t > 0 for t in took.values())
 
 
@@ -286,12 +348,13 @@ def test_golden_reference_passes_with_the_exact_options(golden_dir, monkeypatch,
 
 
 @pytest.mark.slow
-def test_golden_reference_passes_with_the_step_cache_off_wrapper(golden_dir, monkeypatch):
+def test_golden_reference_passes_with_a_step_cache_that_never_skips(golden_dir, monkeypatch):
     load_dit = reference.load_dit
 
     def wrapped(*a, **kw):
         dit, version = load_dit(*a, **kw)
-        return fastpath.FirstBlockCache(dit, threshold=1e-30), version
+        _cache(dit, step_cache="first_block", step_cache_threshold=1e-30)
+        return dit, version
 
     monkeypatch.setattr(reference, "load_dit", wrapped)
     results = reference.check_reference(golden_dir / "tiny-a-v1p1")
@@ -322,6 +385,7 @@ def test_compile_option_with_warmup_in_the_pipeline(plain_result):
 
 def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("STEP1X_FUSE_QKV", "true")
+    monkeypatch.setenv("STEP1X_STEP_CACHE", "first_block")
     monkeypatch.setenv("STEP1X_STEP_CACHE_THRESHOLD", "0.08")
     monkeypatch.setenv("STEP1X_COMPILE_WARMUP_SIZES", "[512, 1024]")
     monkeypatch.setenv("STEP1X_OFFLOAD", "model")
@@ -329,22 +393,28 @@ def test_settings_from_environment(monkeypatch):
     assert opts.fuse_qkv and opts.step_cache_threshold == 0.08 and opts.offload == "model"
     assert opts.compile_warmup_sizes == (512, 1024)
     assert fastpath.PerfOptions.from_settings(Settings(fuse_qkv=False)).changes() == {
-        "step_cache_threshold": 0.08, "compile_warmup_sizes": (512, 1024), "offload": "model"}
+        "step_cache": "first_block", "step_cache_threshold": 0.08, "compile_warmup_sizes": (512, 1024),
+        "offload": "model"}
+    assert fastpath.PerfOptions.from_settings(Settings(step_cache="none")).changes().keys().isdisjoint(
+        {"step_cache", "step_cache_threshold"})  # cache parameters only count with a cache
 
 
 def test_cli_flags_map_onto_settings():
+    from step1x_edit.cli_args import add_settings_arguments, settings_from_args
+    from step1x_edit.settings import PERFORMANCE_FIELDS
+
     p = argparse.ArgumentParser()
-    fastpath.add_performance_arguments(p)
+    add_settings_arguments(p, ("performance",))
     args = p.parse_args(["--fuse-qkv", "--no-compile", "--attention-backend", "cudnn", "--offload", "model",
-                         "--step-cache-threshold", "0.1", "--compile-warmup-sizes", "512,768", "--fp8-dynamic"])
-    given = fastpath.performance_overrides(args)
+                         "--step-cache", "taylorseer", "--step-cache-interval", "4", "--compile-warmup-sizes",
+                         "512,768", "--fp8-dynamic"])
+    given = {k: v for k, v in vars(args).items() if v is not None}
     assert given == {"fuse_qkv": True, "compile": False, "attention_backend": "cudnn", "offload": "model",
-                     "step_cache_threshold": 0.1, "compile_warmup_sizes": [512, 768], "fp8_dynamic": True}
-    assert {k: v for k, v in vars(args).items() if v is not None} == given  # dest = the Settings field
-    s = Settings(**given)
+                     "step_cache": "taylorseer", "step_cache_interval": 4, "compile_warmup_sizes": [512, 768],
+                     "fp8_dynamic": True}
+    s = settings_from_args(args)
     assert s.fuse_qkv and s.offload == "model" and s.compile_warmup_sizes == [512, 768] and s.fp8_dynamic
-    assert fastpath.performance_overrides(p.parse_args([])) == {}
-    serve = argparse.ArgumentParser()
-    fastpath.add_performance_arguments(serve, prefix="serve_")  # for cli_serve's `serve_<field>` convention
-    assert fastpath.performance_overrides(serve.parse_args(["--vae-bf16"]), prefix="serve_") == {"vae_bf16": True}
-    assert set(fastpath.PERF_FIELDS) <= set(Settings.model_fields)
+    assert {k for k, v in vars(p.parse_args([])).items()} == set(PERFORMANCE_FIELDS)
+    assert {f.name for f in dataclasses.fields(fastpath.PerfOptions)} == set(PERFORMANCE_FIELDS)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--step-cache", "teacache"])

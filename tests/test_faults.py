@@ -53,14 +53,15 @@ class FaultyPipeline:
     def info(self):
         return self.inner.info()
 
-    def batch_key(self, req):
-        return self.inner.batch_key(req)
+    def prepare(self, req):
+        return self.inner.prepare(req)
 
     def release_memory(self) -> None:
         self.released += 1
         self.inner.release_memory()
 
-    def run(self, requests, on_step=None, **kw):
+    def run(self, batch, **kw):
+        requests = [p.request for p in batch]
         prompts = [r.prompt for r in requests]
         self.calls.append(prompts)
         if "FAULT:hold" in prompts:
@@ -79,7 +80,7 @@ class FaultyPipeline:
         if "FAULT:oom-batch" in prompts and sum(r.n for r in requests) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (batch too large)")
         del scratch
-        return self.inner.run(requests, on_step=on_step, **kw)
+        return self.inner.run(batch, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def test_batching_two_requests_equals_running_them_alone(pipe):
     r1 = _req(prompt="make it night", seed=3, guidance_scale=2.0)
     r2 = _req(image=_image(seed=5), prompt='write "HELLO" on the wall', negative_prompt="blurry", seed=9,
               guidance_scale=5.0, n=2)
-    assert pipe.batch_key(r1) == pipe.batch_key(r2)
+    assert pipe.prepare(r1).key == pipe.prepare(r2).key
     together = pipe.run([r1, r2])
     (alone1,), (alone2,) = pipe.run([r1]), pipe.run([r2])
     for x, y in [(together[0].images[0], alone1.images[0]), (together[1].images[1], alone2.images[1])]:
@@ -117,8 +117,29 @@ def test_invalid_requests_name_the_field(pipe, field, value):
 
 def test_seed_plus_n_must_stay_in_range(pipe):
     with pytest.raises(ValueError, match="seed"):
-        pipe.batch_key(_req(seed=2**63 - 2, n=3))  # refused at admission, not inside a shared batch
+        pipe.prepare(_req(seed=2**63 - 2, n=3))  # refused at admission, not inside a shared batch
     pipe.validate(_req(seed=2**63 - 3, n=3))
+
+
+def test_exif_orientation_is_applied_once(pipe):
+    import io
+
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 10, 20))  # blue on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif, quality=95)
+    prepared = pipe.prepare(_req(image=Image.open(io.BytesIO(buf.getvalue()))))
+    assert prepared.original_size == (20, 40)  # the displayed orientation: the output's size
+    r, g, b = prepared.resized.resize((20, 40)).getpixel((10, 3))  # the left edge moved to the top
+    assert b > 200 and r < 60
+
+
+def test_random_seeds_stay_below_2_53_for_javascript_clients(pipe):
+    seeds = [pipe.prepare(_req(seed=-1, n=4)).seeds for _ in range(200)]
+    assert all(s[-1] < 2**53 for s in seeds) and len({s[0] for s in seeds}) > 190
+    assert pipe.prepare(_req(seed=2**63 - 4, n=4)).seeds[-1] == 2**63 - 1  # explicit seeds keep the full range
 
 
 def test_odd_inputs_become_rgb_edits(pipe):

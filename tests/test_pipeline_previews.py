@@ -10,7 +10,7 @@ from PIL import Image
 
 from step1x_edit.pipeline import sampling
 from step1x_edit.pipeline.edit import build_pipeline
-from step1x_edit.pipeline.types import EditRequest
+from step1x_edit.pipeline.types import EditRequest, Preview
 from step1x_edit.settings import Settings
 
 
@@ -52,15 +52,14 @@ def test_previews_only_for_requests_that_ask_and_results_unchanged(pipe, monkeyp
     plain = _req(image_seed=1, seed=9)
     (ref_a,), (ref_b,) = pipe.run([_req(n=2, seed=3)]), pipe.run([_req(image_seed=1, seed=9)])
     calls = _count_decodes(pipe, monkeypatch)
-    got: list[tuple[int, int, list]] = []
-    res_a, res_b = pipe.run([wants, plain], on_preview=lambda step, total, previews: got.append((step, total, previews)))
-    assert [(s, t) for s, t, _ in got] == [(1, 4), (3, 4)]
-    for _, _, previews in got:
-        assert previews[1] is None  # the request without partial_images gets none
-        assert len(previews[0]) == 2 and all(p.size == (96, 64) and p.mode == "RGB" for p in previews[0])
+    got: list[tuple[int, Preview]] = []
+    res_a, res_b = pipe.run([wants, plain], on_preview=lambda j, preview: got.append((j, preview)))
+    assert [(j, p.step, p.total) for j, p in got] == [(0, 1, 4), (0, 3, 4)]  # request 1 asked for none
+    for _, preview in got:
+        assert len(preview.images) == 2 and all(p.size == (96, 64) and p.mode == "RGB" for p in preview.images)
     # one decode of only the asking request's 2 rows per preview, then the final decode of all 3 images
     assert calls == [2, 2, 3]
-    assert not np.array_equal(np.asarray(got[0][2][0][0]), np.asarray(got[1][2][0][0]))
+    assert not np.array_equal(np.asarray(got[0][1].images[0]), np.asarray(got[1][1].images[0]))
     for a, b in [(res_a.images[0], ref_a.images[0]), (res_a.images[1], ref_a.images[1]), (res_b.images[0], ref_b.images[0])]:
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1  # batching rounding only
 
@@ -74,7 +73,7 @@ def test_no_decode_without_a_callback_or_without_partial_images(pipe, monkeypatc
 
 def test_img2img_previews_count_the_steps_actually_run(pipe):
     got = []
-    pipe.run([_req(strength=0.5, steps=8, partial_images=3)], on_preview=lambda s, t, p: got.append((s, t)))
+    pipe.run([_req(strength=0.5, steps=8, partial_images=3)], on_preview=lambda j, p: got.append((p.step, p.total)))
     assert got == [(1, 4), (2, 4), (3, 4)]  # 8 steps from index 4: 4 run
 
 
@@ -87,10 +86,9 @@ def test_x0_is_the_flow_matching_prediction():
             super().__init__()
             self.w = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
 
-        def rotary_embedding(self, txt_ids, ids):
-            return None
+        compute_dtype = torch.float32
 
-        def forward(self, img, ids, txt_ids, t, emb, t_vec, mask, rotary_emb=None):
+        def forward(self, img, ids, txt_ids, t, emb, t_vec, mask):
             return img @ self.w
 
     x = torch.randn(1, 4, 64)

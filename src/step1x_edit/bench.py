@@ -41,14 +41,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .bench_args import MODES, add_bench_arguments
 from .models import fastpath
 from .models.connector import ConnectorConfig
-from .models.dit import DiTConfig, Step1XEditTransformer
+from .models.dit import DiTConfig, Step1XEditTransformer2DModel
 from .models.vae import VAEConfig, build_vae
 
 log = logging.getLogger("step1x_edit.bench")
 
-MODES = ("eager", "fused", "sdpa", "compile", "cache", "fp8")
 MODE_LABEL = {
     "baseline": "baseline: diffusers FluxTransformer2DModel, eager, PyTorch SDPA",
     "eager": "ours, eager (exact)",
@@ -221,11 +221,11 @@ def build_encoder(d: Dims, device: torch.device, dtype: torch.dtype, seed: int):
 def build_ours(d: Dims, device: torch.device, dtype: torch.dtype, seed: int):
     from .pipeline.edit import EditPipeline
 
-    dit = build_random(lambda: Step1XEditTransformer(d.dit), device, dtype, seed)
+    dit = build_random(lambda: Step1XEditTransformer2DModel.from_dit_config(d.dit), device, dtype, seed)
     vae = build_random(lambda: build_vae(d.vae), device, torch.float32, seed + 1)
     conditioner = build_encoder(d, device, dtype, seed + 2)
     pipe = EditPipeline(dit, vae, conditioner, "v1.1", "tiny" if d.tiny else "full", 512, device, dtype)
-    return fastpath.apply_performance(pipe, fastpath.PerfOptions())
+    return pipe
 
 
 def build_baseline(d: Dims, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -378,8 +378,8 @@ class DiTInputs:
     emb: torch.Tensor
     mask: torch.Tensor
 
-    def ours(self, dit: nn.Module, rotary=None) -> torch.Tensor:
-        return dit(self.img, self.ids, self.txt_ids, self.t, self.emb, self.t, self.mask, rotary_emb=rotary)
+    def ours(self, dit: nn.Module) -> torch.Tensor:
+        return dit(self.img, self.ids, self.txt_ids, self.t, self.emb, self.t, self.mask)
 
 
 def dit_inputs(size: int, d: Dims, device: torch.device, dtype: torch.dtype, batch: int = 2, seed: int = 0) -> DiTInputs:
@@ -521,7 +521,7 @@ def parity(report: Report, d: Dims, device: torch.device, size: int, seed: int, 
            modes: list[str], best_backend: str) -> None:
     """fp32 reference vs each variant in bf16 on a full-width, reduced-depth DiT (threshold 1e-2)."""
     cfg = d.parity_dit()
-    ref_model = build_random(lambda: Step1XEditTransformer(cfg), device, torch.float32, seed)
+    ref_model = build_random(lambda: Step1XEditTransformer2DModel.from_dit_config(cfg), device, torch.float32, seed)
     x32 = dit_inputs(size, d, device, torch.float32, seed=seed)
     with torch.inference_mode():
         ref = x32.ours(ref_model).float()
@@ -581,7 +581,7 @@ class ModeRunner:
 
     @property
     def dit(self) -> nn.Module:
-        return fastpath.unwrap(self.pipe.dit)
+        return self.pipe.dit
 
     def apply(self, mode: str) -> str:
         """Change the pipeline for `mode`; returns a note. Raises (leaving the pipeline as it was) if unavailable."""
@@ -602,11 +602,14 @@ class ModeRunner:
                 pipe.vae_dtype = torch.bfloat16
             return f"compile mode {self.args.compile_mode}; VAE {'bf16 ' if bf16 else ''}channels_last"
         if mode == "cache":
-            pipe.dit = pipe.step_cache = fastpath.FirstBlockCache(dit, self.args.cache_threshold)
+            pipe.step_cache = fastpath.StepCache(dit, fastpath.PerfOptions(
+                step_cache="first_block", step_cache_threshold=self.args.cache_threshold))
             return f"threshold {self.args.cache_threshold}"
         if mode == "fp8":
             fastpath.quantize_fp8_(dit, self.device)  # raises before touching anything if unavailable
-            pipe.dit, pipe.step_cache = dit, None  # the step cache is measured on its own row
+            if dit.is_cache_enabled:  # the step cache is measured on its own row
+                dit.disable_cache()
+            pipe.step_cache = None
             torch._dynamo.reset()
             if self.compiled:
                 fastpath.compile_blocks_(dit, mode=self.args.compile_mode)
@@ -615,7 +618,7 @@ class ModeRunner:
 
     def warm(self, size: int) -> float:
         start = time.perf_counter()
-        fastpath.warmup(self.pipe, [size], guided=True, steps=1)
+        self.pipe.warmup([size], guided=True, steps=1)
         sync(self.device)
         return time.perf_counter() - start
 
@@ -623,12 +626,11 @@ class ModeRunner:
         row = StepRow(mode, size, note=note)
         x = dit_inputs(size, self.d, self.device, self.dtype, seed=self.args.seed)
         with torch.inference_mode():
-            rot = self.pipe.dit.rotary_embedding(x.txt_ids, x.ids)
-            out = x.ours(self.pipe.dit, rot).float()
+            out = x.ours(self.pipe.dit).float()
             if mode == "cache":
                 row.note += "; per-step time from the edits below (a repeated step would always hit the cache)"
             else:
-                row.ms = 1e3 * time_calls(lambda: x.ours(self.pipe.dit, rot), self.device, self.args.step_iters)
+                row.ms = 1e3 * time_calls(lambda: x.ours(self.pipe.dit), self.device, self.args.step_iters)
             if mode == "eager":
                 self.eager_out[size] = out
             elif size in self.eager_out and mode != "cache":
@@ -663,6 +665,8 @@ class ModeRunner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         timer.reset()
+        calls_before, skipped_before = (self.pipe.step_cache.calls, self.pipe.step_cache.skipped) if \
+            self.pipe.step_cache is not None else (0, 0)
         sync(self.device)
         start = time.perf_counter()
         (res,) = self.pipe.run([req])
@@ -680,7 +684,7 @@ class ModeRunner:
         notes = [f"guidance {guidance}"]
         cache = self.pipe.step_cache
         if cache is not None:
-            notes.append(f"skipped {cache.stats.skipped}/{cache.stats.calls} steps ({cache.stats.skipped_fraction:.0%})")
+            notes.append(f"skipped {cache.skipped - skipped_before}/{cache.calls - calls_before} steps")
         prev = self.prev_images.get((size, steps))
         if prev is not None and mode in ("cache", "fp8"):
             notes.append(f"image vs exact: mean |d| {np.abs(img - prev).mean():.2f}, max {np.abs(img - prev).max():.0f} (0-255)")
@@ -827,29 +831,6 @@ def markdown(report: Report, args: argparse.Namespace, command: str) -> str:
     if report.errors:
         lines += ["", "Errors:"] + [f"- {e}" for e in report.errors]
     return "\n".join(lines) + "\n"
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tiny", action="store_true", help="dev dimensions on the CPU in fp32 (smoke test)")
-    parser.add_argument("--out", help="write the markdown report here (the log goes to OUT.log)")
-    parser.add_argument("--log", help="log file (default: OUT.log, else bench-<time>.log in the current directory)")
-    parser.add_argument("--sizes", default=None, help="working sizes, comma-separated (default 512,768,1024; tiny 256)")
-    parser.add_argument("--steps", default=None, help="step counts of the edits (default 28,20; tiny 3,2)")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)} (applied cumulatively)")
-    parser.add_argument("--e2e-modes", default="eager,compile,cache,fp8",
-                        help="modes that also run whole edits (the others get DiT step timings only)")
-    parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the diffusers baseline")
-    parser.add_argument("--no-parity", dest="parity", action="store_false", help="skip the bf16-vs-fp32 parity check")
-    parser.add_argument("--step-iters", type=int, default=None, help="timed DiT calls per size (default 5; tiny 2)")
-    parser.add_argument("--cache-threshold", type=float, default=0.1, help="step cache threshold of the cache mode")
-    parser.add_argument("--compile-mode", default="default", choices=fastpath.COMPILE_MODES)
-    parser.add_argument("--attention-backends", default="native,cudnn,flash,efficient,flash-attn,flash-attn-3",
-                        help="candidates for the attention micro-benchmark (math is always too slow to win)")
-    parser.add_argument("--budget-s", type=float, default=0.0,
-                        help="stop starting new measurements after this many seconds (0 = no limit); the table "
-                             "is still written")
-    parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def _ints(s: str) -> list[int]:

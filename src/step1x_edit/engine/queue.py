@@ -13,7 +13,8 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+
+from ..pipeline.types import JobEvent, PreparedEdit
 
 
 class QueueFull(Exception):
@@ -28,18 +29,26 @@ class EngineClosed(Exception):
 class Job:
     """One request's work. `future` gets the pipeline's result (or its exception) from the worker thread."""
 
-    request: Any  # pipeline.types.EditRequest
-    key: Hashable  # the pipeline's batch_key: equal keys may share one pipeline call
-    images: int  # images this job adds to a batch (its `n`)
+    prepared: PreparedEdit  # the request as the pipeline prepared it at admission
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     cancelled: bool = False
     cancel_reason: str = ""
-    # Called on the worker thread with ("started",), ("progress", step, total) and ("preview", step, total,
-    # [PIL images]) while the job runs (streaming); it must be quick and thread-safe (api/streaming.py hands the
-    # events to the event loop). Errors it raises are logged and ignored.
-    listener: Callable[[tuple], None] | None = None
+    # Called on the worker thread with the job's events (Started, Progress, Preview) while it runs (streaming); it
+    # must be quick and thread-safe (api/streaming.py hands the events to the event loop). Errors it raises are
+    # logged and ignored.
+    listener: Callable[[JobEvent], None] | None = None
+
+    @property
+    def key(self) -> Hashable:
+        """Equal keys may share one pipeline call."""
+        return self.prepared.key
+
+    @property
+    def images(self) -> int:
+        """Images this job adds to a batch (its `n`)."""
+        return self.prepared.images
 
     def cancel(self, reason: str = "cancelled") -> bool:
         """Drop the job. True if it never reached the pipeline; a running job only stops if its whole batch is

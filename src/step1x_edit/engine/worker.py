@@ -10,9 +10,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any, Protocol
 
+from ..pipeline.types import (
+    Cancelled,
+    EditRequest,
+    EditResult,
+    JobEvent,
+    PreparedEdit,
+    Preview,
+    PreviewCallback,
+    Progress,
+    Started,
+    StepCallback,
+    StopCheck,
+)
 from .metrics import Metrics
 from .queue import EngineClosed, Job, JobQueue, QueueFull
 
@@ -22,12 +35,16 @@ __all__ = ["Engine", "EngineClosed", "NotReady", "PipelineLike", "QueueFull", "A
 
 
 class PipelineLike(Protocol):
-    """What the engine needs from `pipeline.edit.EditPipeline` (`run` also gets `on_preview=` when a job in the
-    batch streams previews; pipelines without previews are never given it)."""
+    """Everything the engine asks of `pipeline.edit.EditPipeline`: prepare a request at admission (any thread;
+    ValueError = the client's mistake), run a batch of prepared requests with equal keys on the worker thread
+    (reporting steps and previews, stopping between steps when asked: `Cancelled`), describe itself, and free
+    memory after an out-of-memory error."""
 
-    def run(self, requests: list[Any], on_step: Callable[[int, int], None] | None = None) -> list[Any]: ...
-    def batch_key(self, req: Any) -> Hashable: ...
+    def prepare(self, request: EditRequest) -> PreparedEdit: ...
+    def run(self, batch: list[PreparedEdit], *, on_step: StepCallback | None = None,
+            on_preview: PreviewCallback | None = None, should_stop: StopCheck | None = None) -> list[EditResult]: ...
     def info(self) -> dict[str, Any]: ...
+    def release_memory(self) -> None: ...
 
 
 class NotReady(Exception):
@@ -105,16 +122,16 @@ class Engine:
         return not self._thread.is_alive() and not leftovers
 
     # --- admission -----------------------------------------------------------------------------------------
-    def submit(self, request: Any, listener: Callable[[tuple], None] | None = None) -> Job:
-        """Queue one request. Raises NotReady, EngineClosed, QueueFull, or ValueError (bad input, from batch_key).
-        `listener` gets the job's progress events on the worker thread (see `Job.listener`)."""
+    def submit(self, request: EditRequest, listener: Callable[[JobEvent], None] | None = None) -> Job:
+        """Prepare and queue one request. Raises NotReady, EngineClosed, QueueFull, or ValueError (bad input, from
+        `prepare`). The preparation (resize, seeds) runs on the caller's thread: call it from a worker thread, not
+        the event loop. `listener` gets the job's events on the worker thread (see `Job.listener`)."""
         if self.queue.closed:
             raise EngineClosed("the server is shutting down")
         if not self.ready:
             raise NotReady(self.not_ready_reason())
         assert self.pipeline is not None
-        job = Job(request=request, key=self.pipeline.batch_key(request), images=max(1, int(request.n)),
-                  listener=listener)
+        job = Job(prepared=self.pipeline.prepare(request), listener=listener)
         try:
             self.queue.put(job)
         except QueueFull:
@@ -165,7 +182,7 @@ class Engine:
         self._running = batch
         try:
             results = self._call(batch)
-        except Aborted:
+        except Cancelled:
             for job in batch:
                 _settle(job, exc=Aborted("cancelled by the client"))
             if self.metrics:
@@ -212,52 +229,41 @@ class Engine:
                 break
             chained.__traceback__ = None
             chained = chained.__cause__ or chained.__context__
-        release = getattr(self.pipeline, "release_memory", None)
         try:
-            if callable(release):
-                release()
-            else:
-                import gc
-
-                gc.collect()
+            assert self.pipeline is not None
+            self.pipeline.release_memory()
         except Exception:  # noqa: BLE001 - recovery is best effort; the next job will tell
             log.exception("releasing memory after an out-of-memory error failed")
         return OutOfMemory(message)
 
-    def _call(self, batch: list[Job]) -> list[Any]:
+    def _call(self, batch: list[Job]) -> list[EditResult]:
         assert self.pipeline is not None
         if self.metrics:
             self.metrics.batch_requests.observe(len(batch))
             self.metrics.batch_images.observe(sum(j.images for j in batch))
 
         def on_step(step: int, total: int) -> None:
-            if all(j.cancelled for j in batch):
-                raise Aborted()
             for job in batch:
-                _notify(job, ("progress", step, total))
+                _notify(job, Progress(step, total))
 
-        extra: dict[str, Any] = {}
-        if any(j.listener is not None and getattr(j.request, "partial_images", 0) > 0 for j in batch):
-            def on_preview(step: int, total: int, previews: list[Any]) -> None:
-                for job, images in zip(batch, previews):
-                    if images:
-                        _notify(job, ("preview", step, total, images))
+        def on_preview(index: int, preview: Preview) -> None:
+            _notify(batch[index], preview)
 
-            extra["on_preview"] = on_preview  # only then: pipelines without previews need not accept it
         for job in batch:
-            _notify(job, ("started",))
+            _notify(job, Started())
         t0 = time.monotonic()
-        results = self.pipeline.run([j.request for j in batch], on_step=on_step, **extra)
+        results = self.pipeline.run([j.prepared for j in batch], on_step=on_step, on_preview=on_preview,
+                                    should_stop=lambda: all(j.cancelled for j in batch))
         if len(results) != len(batch):
             raise RuntimeError(f"pipeline returned {len(results)} results for {len(batch)} requests")
         if self.metrics:
             self.metrics.observe_stage("pipeline", time.monotonic() - t0)
-            for name, seconds in (getattr(results[0], "timings", None) or {}).items():
+            for name, seconds in results[0].timings.items():
                 self.metrics.observe_stage(f"pipeline_{name}", seconds)
         return results
 
 
-def _notify(job: Job, event: tuple) -> None:
+def _notify(job: Job, event: JobEvent) -> None:
     """Hand a progress event to the job's listener; a failing listener (its client gone) never fails the batch."""
     if job.listener is None or job.cancelled:
         return

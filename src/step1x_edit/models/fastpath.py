@@ -1,38 +1,28 @@
-"""Performance options of the pipeline: each one off by default, each applied in place by `apply_performance`.
+"""Performance options applied to the models in place: each off by default, none of them model code of its own.
+
+`pipeline/edit.build_pipeline` applies them from the settings (`PerfOptions`); the benchmark applies them one by one.
 
 Exact options (same function, bf16 rounding aside):
-- `fuse_qkv`: diffusers' `fuse_projections()` on every DiT attention (one [3*d, d] matmul instead of three, and one
-  for the text stream of the double blocks); the unfused q/k/v layers are dropped so no weight is held twice.
-- `attention_backend`: the attention kernel of the DiT blocks through diffusers' attention dispatcher (`native` =
-  PyTorch SDPA choosing for itself, `cudnn`, `flash`, `efficient`, `math` = SDPA restricted to that kernel,
-  `flash-attn` / `flash-attn-3` / `sage` / `xformers` = those packages, when installed). The connector keeps SDPA
-  (its attention is masked).
-- `compile`: regional `torch.compile` of the 19 + 38 repeated blocks (each block compiled; the two block kinds share
-  code, so two graphs are compiled per shape regime), `warmup()` runs one step per working size at start-up.
-- `vae_bf16` / `vae_channels_last`: the VAE in bf16 and/or in channels_last memory format.
+- `fuse_qkv`: one [3*d, d] matmul for q/k/v (and one for the text stream of the double blocks), taken by
+  diffusers' FluxAttnProcessor through its fused path; the unfused layers are dropped so no weight is held twice.
+- `attention_backend`: the DiT blocks' attention kernel through diffusers' attention dispatcher.
+- `compile`: regional `torch.compile` of the repeated blocks (the model's `_repeated_blocks`).
+- `vae_bf16` / `vae_channels_last`: the VAE in bf16 and/or channels_last.
 
-Options that change the numbers (opt-in):
-- `fp8_dynamic`: torchao float8 dynamic quantisation (per-row scales) of the DiT blocks' linear layers; needs
-  torchao and a CUDA GPU with float8 tensor cores (compute capability 8.9+). torchao is imported only when asked
-  for. (The loader's `dit_fp8` only stores weights in float8; the two combine.)
-- `step_cache_threshold`: a first-block cache (`FirstBlockCache`): each step runs the first double block; when its
-  output residual changed by less than the threshold (relative L1) since the last fully computed step, the rest of
-  the blocks are skipped and their residual from that step is reused. 0 = off (the model is not wrapped at all).
+Approximate, opt-in:
+- `fp8_dynamic`: torchao float8 dynamic quantisation of the DiT blocks' linears (CUDA, compute capability 8.9+).
+- `step_cache`: diffusers' cache hooks on the FLUX blocks (`CacheMixin.enable_cache`): first-block cache,
+  TaylorSeer, MagCache. `StepCache` applies one, re-configures it per step count where the hook needs that
+  (MagCache), and counts the steps the last block really computed.
 
-Memory mode:
-- `offload="model"`: encoder, DiT and VAE live on the CPU and each moves to the execution device only while it runs
-  (`ComponentOffload`), so the peak holds one component's weights, not all three.
-
-Everything here is device-agnostic except fp8_dynamic, so the exact options, the cache and offloading are tested on CPU.
+Memory mode: `offload="model"` keeps components on the CPU and moves each to the device only while it runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
@@ -56,11 +46,12 @@ ATTENTION_BACKENDS = {
 }
 OFFLOAD_MODES = ("none", "model")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+STEP_CACHES = ("none", "first_block", "taylorseer", "magcache")
 
 
 @dataclass(frozen=True)
 class PerfOptions:
-    """The `# --- performance ---` settings, as one value (defaults = today's plain path)."""
+    """The performance settings as one value (defaults = the plain path). Field names are `Settings` names."""
 
     fuse_qkv: bool = False
     compile: bool = False
@@ -69,7 +60,11 @@ class PerfOptions:
     attention_backend: str = "native"
     vae_bf16: bool = False
     vae_channels_last: bool = False
-    step_cache_threshold: float = 0.0
+    step_cache: str = "none"
+    step_cache_threshold: float = 0.05
+    step_cache_interval: int = 5
+    step_cache_warmup_steps: int = 3
+    step_cache_mag_ratios: str | None = None
     fp8_dynamic: bool = False
     offload: str = "none"
 
@@ -77,24 +72,27 @@ class PerfOptions:
     def from_settings(cls, settings: Any) -> PerfOptions:
         values = {}
         for f in fields(cls):
-            if hasattr(settings, f.name):
-                v = getattr(settings, f.name)
-                values[f.name] = tuple(v) if isinstance(v, list) else v
+            v = getattr(settings, f.name)
+            values[f.name] = tuple(v) if isinstance(v, list) else v
         return cls(**values)
 
     def changes(self) -> dict[str, Any]:
-        """The options that differ from the defaults."""
+        """The options that differ from the defaults (cache parameters only when a cache is on)."""
         default = PerfOptions()
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)}
+        if self.step_cache == "none":
+            out = {k: v for k, v in out.items() if not k.startswith("step_cache")}
+        return out
 
     def validate(self) -> None:
         resolve_attention_backend(self.attention_backend)
-        if self.offload not in OFFLOAD_MODES:
-            raise ValueError(f"offload: must be one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode: must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if not self.step_cache_threshold >= 0:
-            raise ValueError("step_cache_threshold: must be >= 0 (0 = off)")
+        for name, value, allowed in (("offload", self.offload, OFFLOAD_MODES),
+                                     ("compile_mode", self.compile_mode, COMPILE_MODES),
+                                     ("step_cache", self.step_cache, STEP_CACHES)):
+            if value not in allowed:
+                raise ValueError(f"{name}: must be one of {', '.join(allowed)}, got {value!r}")
+        if self.step_cache == "magcache":
+            mag_ratios(self.step_cache_mag_ratios)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,10 +119,10 @@ def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
 
 def fuse_qkv_(dit: nn.Module) -> int:
     """Fuse q/k/v (and the text stream's q/k/v) of every DiT block into one Linear each, in place, dropping the
-    separate layers (no weight is held twice); returns how many attention modules were fused. diffusers'
-    FluxAttnProcessor takes its fused path by itself (`attn.fused_projections`, `to_qkv`, `to_added_qkv`), as
-    after diffusers' own `fuse_projections()`, which is not used because it re-initialises a new Linear in the
-    weights' dtype (impossible for float8-stored weights) and keeps the unfused copies."""
+    separate layers; returns how many attention modules were fused. diffusers' FluxAttnProcessor takes its fused
+    path by itself (`attn.fused_projections`, `to_qkv`, `to_added_qkv`). Not diffusers' own
+    `fuse_qkv_projections()`: it re-initialises a new Linear in the weights' dtype (impossible for float8-stored
+    weights) and keeps the unfused copies (a second copy of ~1/3 of the weights)."""
     n = 0
     with torch.no_grad():
         for block in _blocks(dit):
@@ -154,7 +152,9 @@ def resolve_attention_backend(name: str) -> str:
 
 
 def set_attention_backend_(dit: nn.Module, name: str) -> str:
-    """Route the DiT blocks' attention through one backend; raises if its package is missing."""
+    """Route the DiT blocks' attention through one backend; raises if its package is missing. Per block rather than
+    diffusers' `ModelMixin.set_attention_backend`, which also makes it the process-wide default: the connector's
+    masked attention must stay on SDPA (flash kernels take no mask)."""
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
     value = resolve_attention_backend(name)
@@ -166,18 +166,13 @@ def set_attention_backend_(dit: nn.Module, name: str) -> str:
 
 
 def compile_blocks_(dit: nn.Module, mode: str = "default", fullgraph: bool = False, dynamic: bool | None = None) -> int:
-    """Regional compilation: `module.compile()` on each repeated block (the embedders, the connector and the
-    output head stay eager). Compilation happens on the first call per shape regime; see `warmup`. The blocks
-    compile without graph breaks (tests check it with fullgraph=True); the default stays fullgraph=False so that
-    a process that reaches dynamo's recompile limit (many shape regimes) falls back to eager instead of failing.
-    `dynamic=None`: the first shape compiles static, a second one recompiles with dynamic sizes."""
+    """Regional compilation (diffusers' `compile_repeated_blocks`: `module.compile()` on each block named in
+    `_repeated_blocks`); the embedders, the connector and the output head stay eager. Returns the block count."""
     kwargs: dict[str, Any] = {"fullgraph": fullgraph, "dynamic": dynamic}
     if mode != "default":
         kwargs["mode"] = mode
-    blocks = _blocks(dit)
-    for block in blocks:
-        block.compile(**kwargs)
-    return len(blocks)
+    dit.compile_repeated_blocks(**kwargs)
+    return len(_blocks(dit))
 
 
 def _fp8_filter(module: nn.Module, fqn: str) -> bool:
@@ -208,146 +203,112 @@ def _upcast_fp8_storage_(dit: nn.Module, dtype: torch.dtype) -> int:
 def quantize_fp8_(dit: nn.Module, device: torch.device | str | None = None) -> int:
     """torchao float8 dynamic activation + float8 weight quantisation (per-row scales) of the blocks' linears:
     the matmuls run on the float8 tensor cores. Weights stored in float8 by `dit_fp8` are taken as they are
-    (upcast, then re-scaled per row by torchao)."""
+    (upcast, then re-scaled per row by torchao). `set_inductor_config=False`: torchao's default would switch on
+    slow inductor tuning for the whole process (every later compile)."""
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
         from torchao.quantization.granularity import PerRow
-    except ImportError as e:
-        raise RuntimeError(f"fp8_dynamic needs torchao (pip install torchao; not a dependency of this package): {e}"
-                           ) from e
+    except Exception as e:  # noqa: BLE001 - ImportError, or a torchao built for another torch failing on import
+        raise RuntimeError(f"fp8_dynamic needs torchao (pip install torchao; not a dependency of this package): "
+                           f"{type(e).__name__}: {e}") from e
     dev = torch.device(device) if device is not None else next(dit.parameters()).device
     if dev.type != "cuda":
         raise RuntimeError(f"fp8_dynamic needs a CUDA GPU with float8 support (compute capability 8.9+), not {dev}")
     if torch.cuda.get_device_capability(dev) < (8, 9):
         raise RuntimeError(f"fp8_dynamic needs compute capability 8.9+; {torch.cuda.get_device_name(dev)} has "
                            f"{torch.cuda.get_device_capability(dev)}")
-    _upcast_fp8_storage_(dit, _param_dtype(dit))
+    dtype = dit.compute_dtype
+    if dtype != torch.bfloat16:
+        raise RuntimeError(f"fp8_dynamic needs the DiT in bfloat16 (torchao's float8 kernels), not {dtype}; "
+                           "set dtype=bfloat16")
+    _upcast_fp8_storage_(dit, dtype)
     count = sum(_fp8_filter(m, n) for n, m in dit.named_modules())
-    quantize_(dit, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_fp8_filter,
-              device=dev)
+    quantize_(dit, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
+              filter_fn=_fp8_filter, device=dev)
     return count
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Step cache
+# Step cache: diffusers' hooks
 # --------------------------------------------------------------------------------------------------------------
 
 
-def relative_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """mean|a - b| / mean|b| (a 0-d tensor, float32)."""
-    return (a.float() - b.float()).abs().mean() / b.float().abs().mean().clamp_min(1e-12)
+def mag_ratios(spec: str | None) -> torch.Tensor | None:
+    """`step_cache_mag_ratios`: comma-separated numbers, `flux` (diffusers' FLUX.1-dev ratios) or `calibrate`
+    (None: calibration mode)."""
+    if spec is None or not spec.strip():
+        raise ValueError("step_cache=magcache needs step_cache_mag_ratios: the model's per-step magnitude ratios "
+                         "(comma-separated), `flux` (FLUX.1-dev's, not calibrated for Step1X-Edit) or `calibrate` "
+                         "(skips nothing and logs the ratios of each run, to paste here)")
+    spec = spec.strip().lower()
+    if spec == "calibrate":
+        return None
+    if spec == "flux":
+        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+        return FLUX_MAG_RATIOS.clone()
+    try:
+        values = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"step_cache_mag_ratios: not a list of numbers: {spec[:60]!r}") from None
+    if len(values) < 2:
+        raise ValueError("step_cache_mag_ratios: needs at least two ratios")
+    return torch.tensor(values)
 
 
-@dataclass
-class CacheStats:
-    calls: int = 0
-    skipped: int = 0
-    decisions: list[float] = field(default_factory=list)  # relative L1 change of the first block, per step
+class StepCache:
+    """One of diffusers' step caches on the DiT, and a count of the DiT calls and of those the blocks computed.
 
-    @property
-    def skipped_fraction(self) -> float:
-        return self.skipped / self.calls if self.calls else 0.0
-
-
-class FirstBlockCache(nn.Module):
-    """Wraps the DiT with a first-block cache; same call signature and `rotary_embedding` as the DiT.
-
-    Each call runs the embedders, the connector and the first double block. The relative L1 change of that block's
-    image-stream residual against the one of the last *fully computed* step decides: below `threshold`, the
-    remaining blocks are skipped and the image hidden state is the first block's output plus the remaining blocks'
-    residual saved at that step; otherwise everything runs and both residuals are saved. The first step of each
-    denoise call always runs in full (the sampler calls `rotary_embedding` once per call, which resets the cache;
-    a change of shape or a timestep that does not decrease resets it too). One decision per batch (all rows move
-    together); the decision reads one scalar back from the device per step.
+    The hooks live on the FLUX blocks (diffusers' `TransformerBlockRegistry` knows them); the sampler resets their
+    state at the start of each denoise call and wraps each DiT call in `cache_context`. `begin(steps)` is called
+    before each denoise call: MagCache's config holds the step count, so it is re-applied when that changes.
     """
 
-    def __init__(self, dit: nn.Module, threshold: float):
-        super().__init__()
-        if not threshold > 0:
-            raise ValueError("FirstBlockCache needs a threshold > 0 (0 = do not wrap)")
-        self.dit = dit
-        self.threshold = float(threshold)
-        self.stats = CacheStats()  # the current (last) denoise call
-        self.total = CacheStats()  # since construction
-        self.reset()
+    def __init__(self, dit: nn.Module, opts: PerfOptions):
+        self.dit, self.opts = dit, opts
+        self.kind = opts.step_cache
+        self.calls = 0  # DiT calls since construction
+        self.computed = 0  # of those, calls in which the last block really ran its attention
+        self._steps: int | None = None
+        last = dit.single_transformer_blocks[-1] if len(dit.single_transformer_blocks) else dit.transformer_blocks[-1]
+        dit.x_embedder.register_forward_hook(self._count_call)
+        last.attn.norm_q.register_forward_hook(self._count_computed)
+        if self.kind != "magcache":
+            dit.enable_cache(self._config(None))
 
-    def __getattr__(self, name: str) -> Any:
-        """Anything else (cfg, connector, blocks, ...) is the wrapped DiT's, so the wrapper stands in for it."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            inner = self.__dict__.get("_modules", {}).get("dit")
-            if inner is None:  # (during construction or unpickling)
-                raise
-            return getattr(inner, name)
+    def _count_call(self, *_: Any) -> None:
+        self.calls += 1
 
-    def reset(self) -> None:
-        self._first_residual: torch.Tensor | None = None
-        self._rest_residual: torch.Tensor | None = None
-        self._key: tuple | None = None
-        self._last_t: float | None = None
-        self.stats = CacheStats()
+    def _count_computed(self, *_: Any) -> None:
+        self.computed += 1
 
-    def rotary_embedding(self, txt_ids: torch.Tensor, img_ids: torch.Tensor):
-        self.reset()
-        return self.dit.rotary_embedding(txt_ids, img_ids)
+    @property
+    def skipped(self) -> int:
+        return self.calls - self.computed
 
-    def forward(self, img, img_ids, txt_ids, timesteps, llm_embedding, t_vec, mask, rotary_emb=None) -> torch.Tensor:
-        from diffusers.models.embeddings import get_timestep_embedding
+    def _config(self, steps: int | None) -> Any:
+        from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
-        dit = self.dit
-        if rotary_emb is None:
-            if img_ids.ndim == 3:
-                img_ids, txt_ids = img_ids[0], txt_ids[0]
-            rotary_emb = dit.rotary_embedding(txt_ids, img_ids)
-        dtype = _param_dtype(dit)
-        txt, y = dit.connector(llm_embedding.to(dtype), t_vec, mask)
-        t_emb = get_timestep_embedding(timesteps * 1000, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
-        vec = dit.time_embed(t_emb.to(dtype)) + dit.vec_embed(y)
-        txt = dit.context_embedder(txt)
-        hidden = dit.x_embedder(img.to(dtype))
+        o = self.opts
+        if self.kind == "first_block":
+            return FirstBlockCacheConfig(threshold=o.step_cache_threshold)
+        if self.kind == "taylorseer":
+            return TaylorSeerCacheConfig(cache_interval=o.step_cache_interval,
+                                         disable_cache_before_step=o.step_cache_warmup_steps,
+                                         taylor_factors_dtype=self.dit.compute_dtype)
+        ratios = mag_ratios(o.step_cache_mag_ratios)
+        return MagCacheConfig(threshold=o.step_cache_threshold, num_inference_steps=int(steps or 28),
+                              mag_ratios=ratios, calibrate=ratios is None)
 
-        blocks = list(dit.transformer_blocks)
-        txt, first = blocks[0](hidden_states=hidden, encoder_hidden_states=txt, temb=vec, image_rotary_emb=rotary_emb)
-        first_residual = first - hidden
+    def begin(self, steps: int) -> None:
+        if self.kind == "magcache" and steps != self._steps:
+            if self.dit.is_cache_enabled:
+                self.dit.disable_cache()
+            self.dit.enable_cache(self._config(steps))
+            self._steps = steps
 
-        key = (tuple(img.shape), tuple(llm_embedding.shape), img.dtype)
-        t_now = float(timesteps.reshape(-1)[0]) if timesteps.device.type == "cpu" else None
-        if self._key != key or (t_now is not None and self._last_t is not None and t_now >= self._last_t):
-            self.reset()
-        self._key, self._last_t = key, t_now
-        self.stats.calls += 1
-        self.total.calls += 1
-
-        skip = False
-        if self._first_residual is not None:
-            change = relative_l1(first_residual, self._first_residual).item()
-            self.stats.decisions.append(change)
-            skip = change < self.threshold
-        if skip:
-            hidden = first + self._rest_residual
-            self.stats.skipped += 1
-            self.total.skipped += 1
-        else:
-            hidden = first
-            for block in blocks[1:]:
-                txt, hidden = block(hidden_states=hidden, encoder_hidden_states=txt, temb=vec,
-                                    image_rotary_emb=rotary_emb)
-            for block in dit.single_transformer_blocks:
-                txt, hidden = block(hidden_states=hidden, encoder_hidden_states=txt, temb=vec,
-                                    image_rotary_emb=rotary_emb)
-            self._first_residual = first_residual
-            self._rest_residual = hidden - first
-        return dit.proj_out(dit.norm_out(hidden, vec))
-
-
-def _param_dtype(module: nn.Module) -> torch.dtype:
-    """The DiT's compute dtype (float8-quantised weights report their original dtype through x_embedder)."""
-    return module.x_embedder.weight.dtype
-
-
-def unwrap(dit: nn.Module) -> nn.Module:
-    return dit.dit if isinstance(dit, FirstBlockCache) else dit
+    def stats(self) -> dict[str, Any]:
+        return {"step_cache": self.kind, "step_cache_calls": self.calls, "step_cache_skipped": self.skipped}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -376,6 +337,8 @@ class ComponentOffload:
     """Model-level offloading: each registered component stays on `offload_device` until one of its trigger
     modules is called; then the resident component goes back and this one comes in (with the call's tensors).
 
+    Written here rather than diffusers' `enable_model_cpu_offload`, which belongs to a `DiffusionPipeline` (this
+    project's pipeline is not one) and moves components in a fixed sequence; here the first call decides.
     `loads` records the order in which components were brought in (for logs and tests).
     """
 
@@ -421,151 +384,31 @@ def encoder_module(conditioner: Any) -> tuple[nn.Module, nn.Module]:
     return model, getattr(model, "model", model)
 
 
-def enable_offload(pipe: Any, offload_device: torch.device | str = "cpu") -> ComponentOffload:
-    off = ComponentOffload(pipe.device, offload_device)
-    enc, enc_call = encoder_module(pipe.conditioner)
+def enable_offload(dit: nn.Module, vae: nn.Module, conditioner: Any, device: torch.device | str,
+                   offload_device: torch.device | str = "cpu") -> ComponentOffload:
+    off = ComponentOffload(device, offload_device)
+    enc, enc_call = encoder_module(conditioner)
     off.add("encoder", enc, [enc_call])
-    off.add("dit", pipe.dit, [pipe.dit])
-    off.add("vae", pipe.vae, [pipe.vae.encoder, pipe.vae.decoder])
+    off.add("dit", dit, [dit])
+    off.add("vae", vae, [vae.encoder, vae.decoder])
     return off
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Putting it together
-# --------------------------------------------------------------------------------------------------------------
-
-
-def apply_performance(pipe: Any, settings: Any) -> Any:
-    """Apply the settings' performance options to a built EditPipeline, in place; returns it. With the default
-    settings nothing is touched. Order: fuse -> fp8 -> attention backend -> compile -> VAE -> step cache ->
-    offload -> compile warm-up."""
-    opts = settings if isinstance(settings, PerfOptions) else PerfOptions.from_settings(settings)
-    opts.validate()
-    changes = opts.changes()
-    pipe.perf_options = opts
-    pipe.step_cache = None
-    pipe.offload = None
-    if not changes:
-        return pipe
-    log.info("performance options: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
-    dit = pipe.dit
-    if opts.fuse_qkv:
-        fuse_qkv_(dit)
-    if opts.fp8_dynamic:
-        quantize_fp8_(dit, pipe.device)
-    if opts.attention_backend != "native":
-        set_attention_backend_(dit, opts.attention_backend)
-    if opts.compile:
-        compile_blocks_(dit, mode=opts.compile_mode)
-    if opts.vae_bf16 or opts.vae_channels_last:
-        vae_fast_(pipe.vae, opts.vae_bf16, opts.vae_channels_last)
-        if opts.vae_bf16:
-            pipe.vae_dtype = torch.bfloat16
-    if opts.step_cache_threshold > 0:
-        pipe.dit = pipe.step_cache = FirstBlockCache(dit, opts.step_cache_threshold)
-    if opts.offload == "model":
-        pipe.offload = enable_offload(pipe)
-    if opts.compile:
-        sizes = (pipe.size_level,) if opts.compile_warmup_sizes is None else opts.compile_warmup_sizes
-        if sizes:
-            took = warmup(pipe, sizes)
-            log.info("compile warm-up: %s", ", ".join(f"{s}: {t:.1f} s" for s, t in took.items()))
-    return pipe
-
-
-def warmup(pipe: Any, size_levels: Iterable[int], guided: bool = True, steps: int = 1) -> dict[int, float]:
-    """One short edit per working-size bucket (square input of that size), so that compilation (and any lazy
-    kernel selection) happens at start-up rather than in the first requests. Returns seconds per size."""
-    from PIL import Image
-
-    from ..pipeline.types import EditRequest
-
-    took = {}
-    for level in size_levels:
-        image = Image.new("RGB", (int(level), int(level)), (128, 128, 128))
-        req = EditRequest(image=image, prompt="warm-up", steps=steps, strength=1.0, seed=0,
-                          guidance_scale=2.5 if guided else 1.0, size_level=int(level))
-        start = time.perf_counter()
-        pipe.run([req])
-        took[int(level)] = time.perf_counter() - start
-    if pipe.step_cache is not None:
-        pipe.step_cache.total = CacheStats()
-    return took
-
-
-PERF_FIELDS = tuple(f.name for f in fields(PerfOptions))
-
-
-def add_performance_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    """CLI flags for the `# --- performance ---` settings. Each flag's dest is `prefix + <Settings field>`; flags not
-    given stay None, so the environment or the default applies (see `performance_overrides`)."""
-    g = parser.add_argument_group("performance (all off by default)")
-    b = argparse.BooleanOptionalAction
-
-    def add(flag: str, field_name: str, **kw: Any) -> None:
-        g.add_argument(flag, dest=prefix + field_name, default=None, **kw)
-
-    add("--fuse-qkv", "fuse_qkv", action=b, help="fused q/k/v projections (exact)")
-    add("--compile", "compile", action=b,
-        help="torch.compile the repeated DiT blocks, warmed up at start-up (exact; minutes of start-up)")
-    add("--compile-mode", "compile_mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead = CUDA graphs)")
-    add("--compile-warmup-sizes", "compile_warmup_sizes", metavar="SIZES",
-        type=lambda v: [int(x) for x in v.split(",") if x.strip()],
-        help="comma-separated size levels to warm up (default: the size level; empty = none)")
-    add("--attention-backend", "attention_backend", metavar="NAME",
-        help=f"DiT attention kernel: {', '.join(ATTENTION_BACKENDS)} (default native = PyTorch's choice)")
-    add("--vae-bf16", "vae_bf16", action=b, help="VAE in bf16")
-    add("--vae-channels-last", "vae_channels_last", action=b, help="VAE in channels_last memory format (exact)")
-    add("--step-cache-threshold", "step_cache_threshold", type=float, metavar="T",
-        help="first-block step cache: skip the DiT's other blocks when the first block's residual changed by less "
-             "than T (relative L1; 0 = off; approximate)")
-    add("--fp8-dynamic", "fp8_dynamic", action=b,
-        help="float8 matmuls: torchao dynamic quantisation of the DiT linears (needs torchao and an fp8 GPU; "
-             "combines with --dit-fp8)")
-    add("--offload", "offload", choices=OFFLOAD_MODES,
-        help="model = encoder/DiT/VAE kept on the CPU, each moved to the GPU only while it runs")
-
-
-def performance_overrides(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
-    """The performance settings given on the command line, by Settings field name."""
-    out = {}
-    for name in PERF_FIELDS:
-        value = getattr(args, prefix + name, None)
-        if value is not None:
-            out[name] = value
-    return out
-
-
-def describe(pipe: Any) -> dict[str, Any]:
-    """What is enabled, and the step cache's counters, for logs and /v1/models-style info."""
-    opts: PerfOptions = getattr(pipe, "perf_options", PerfOptions())
-    out: dict[str, Any] = dict(opts.changes())
-    cache = getattr(pipe, "step_cache", None)
-    if cache is not None:
-        out["step_cache_calls"] = cache.total.calls
-        out["step_cache_skipped_fraction"] = round(cache.total.skipped_fraction, 4)
-    return out
 
 
 __all__ = [
     "ATTENTION_BACKENDS",
-    "CacheStats",
+    "COMPILE_MODES",
     "ComponentOffload",
-    "FirstBlockCache",
+    "OFFLOAD_MODES",
     "PerfOptions",
-    "PERF_FIELDS",
-    "add_performance_arguments",
-    "apply_performance",
+    "STEP_CACHES",
+    "StepCache",
     "compile_blocks_",
-    "describe",
     "enable_offload",
+    "encoder_module",
     "fuse_qkv_",
+    "mag_ratios",
     "quantize_fp8_",
-    "performance_overrides",
-    "relative_l1",
     "resolve_attention_backend",
     "set_attention_backend_",
-    "unwrap",
     "vae_fast_",
-    "warmup",
 ]

@@ -1,9 +1,11 @@
 """One batch of edits, start to finish: resize -> VAE encode -> Qwen2.5-VL encode -> denoise -> VAE decode.
 
-Requests in one `run` call must share a `batch_key` (working size, steps, start index, guidance on/off); each
-may have its own prompt, negative prompt, guidance scale and `n`. Image i of a request uses seed + i for
-everything random (initial noise, then the VAE posterior samples of the reference and img2img latents), drawn
-on the CPU so the same seed gives the same noise on any device: an image is reproducible on its own.
+`prepare` turns an `EditRequest` into a `PreparedEdit` (validated, oriented, resized, seeded; no model touched, so
+the engine runs it off the worker thread at admission); `run` edits a batch of prepared requests that share a batch
+key (working size, steps, start index, guidance on/off); each may have its own prompt, negative prompt, guidance
+scale and `n`. Image i of a request uses seed + i for everything random (initial noise, then the VAE posterior
+samples of the reference and img2img latents), drawn on the CPU so the same seed gives the same noise on any
+device: an image is reproducible on its own.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Iterable, Sequence
 
 import torch
 from PIL import Image, ImageOps
@@ -20,23 +21,23 @@ from PIL import Image, ImageOps
 from ..models import fastpath, presets
 from ..models import vae as vae_ops
 from ..models.encoder import Step1XConditioner, build_dev_conditioner, load_conditioner
-from ..models.layouts import V12_REFUSED, resolve_weights
+from ..models.layouts import V12_REFUSED, resolve_preset, resolve_weights
 from ..models.weights import load_dit, load_vae
 from ..settings import Settings
 from . import imaging, sampling
-from .types import EditRequest, EditResult
+from .types import (
+    MAX_SEED,
+    RANDOM_SEED_LIMIT,
+    EditRequest,
+    EditResult,
+    PreparedEdit,
+    Preview,
+    PreviewCallback,
+    StepCallback,
+    StopCheck,
+)
 
 log = logging.getLogger(__name__)
-
-MAX_SEED = 2**63 - 1
-
-
-@dataclass
-class _Prepared:
-    request: EditRequest
-    original_size: tuple[int, int]
-    resized: Image.Image
-    seeds: list[int]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,20 +64,31 @@ class EditPipeline:
         device: torch.device,
         dtype: torch.dtype,
         vae_dtype: torch.dtype = torch.float32,
+        *,
+        perf: fastpath.PerfOptions | None = None,
+        step_cache: fastpath.StepCache | None = None,
+        offload: fastpath.ComponentOffload | None = None,
     ):
         self.dit, self.vae, self.conditioner = dit, vae, conditioner
         self.version, self.preset, self.size_level = version, preset, size_level
         self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
         self.truncate = sampling.DEFAULT_TRUNCATE[version]
+        self.perf = perf or fastpath.PerfOptions()  # what build_pipeline applied (for info and logs)
+        self.step_cache = step_cache  # diffusers' step-cache hooks on the DiT, when one is on
+        self.offload = offload  # model offloading, when on
 
     def info(self) -> dict:
-        return {
+        out = {
             "version": self.version,
             "preset": self.preset,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "size_level": self.size_level,
         }
+        out.update(self.perf.changes())
+        if self.step_cache is not None:
+            out.update(self.step_cache.stats())
+        return out
 
     def release_memory(self) -> None:
         """After an out-of-memory error (the engine calls this once the failed call's tensors are unreferenced):
@@ -87,7 +99,7 @@ class EditPipeline:
         if self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    # --- validation and batching ---------------------------------------------------------------------------
+    # --- admission -----------------------------------------------------------------------------------------
     def _size_level(self, req: EditRequest) -> int:
         return req.size_level or self.size_level
 
@@ -114,45 +126,42 @@ class EditPipeline:
         level = self._size_level(req)
         if not 256 <= level <= 2048:
             raise ValueError("size_level: must be between 256 and 2048")
-        imaging.working_size(*req.image.size, level)
 
-    def batch_key(self, req: EditRequest) -> tuple:
-        """Requests with equal keys can be denoised together in lockstep. Validates first (ValueError), so a bad
-        request is refused at admission instead of failing the batch it would have joined."""
-        self.validate(req)
-        w, h = imaging.working_size(*req.image.size, self._size_level(req))
-        return (w, h, req.steps, sampling.start_index(req.steps, req.strength) if req.strength < 1 else 0,
-                req.guidance_scale > 1.0)
-
-    def _prepare(self, req: EditRequest) -> _Prepared:
+    def prepare(self, req: EditRequest) -> PreparedEdit:
+        """Validate once (ValueError naming the field), apply EXIF orientation, convert to RGB, resize to the working
+        size, draw the seeds (random ones below 2^53, see RANDOM_SEED_LIMIT) and compute the batch key. Touches no
+        model: safe on any thread, and the worker never repeats it."""
         self.validate(req)
         image = imaging.to_rgb(ImageOps.exif_transpose(req.image))
-        seed = req.seed if req.seed != -1 else secrets.randbelow(MAX_SEED - req.n)
-        return _Prepared(
+        level = self._size_level(req)
+        w, h = imaging.working_size(*image.size, level)
+        seed = req.seed if req.seed != -1 else secrets.randbelow(RANDOM_SEED_LIMIT - req.n)
+        start = sampling.start_index(req.steps, req.strength) if req.strength < 1 else 0
+        return PreparedEdit(
             request=req,
             original_size=image.size,
-            resized=imaging.resize_for_model(image, self._size_level(req), self.version),
-            seeds=[seed + i for i in range(req.n)],
+            resized=image.resize((w, h), imaging.resize_filter(self.version)),
+            seeds=tuple(seed + i for i in range(req.n)),
+            key=(w, h, req.steps, start, req.guidance_scale > 1.0),
         )
 
     # --- the walk ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(
         self,
-        requests: list[EditRequest],
-        on_step: Callable[[int, int], None] | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        on_preview: Callable[[int, int, list[list[Image.Image] | None]], None] | None = None,
+        batch: Sequence[PreparedEdit | EditRequest],
+        *,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+        should_stop: StopCheck | None = None,
     ) -> list[EditResult]:
-        """Edit a batch. `on_step(step, total)` after each denoising step. `on_preview(step, total, previews)`
-        (only when given, and only for requests with `partial_images` > 0) after the evenly spaced steps of
-        `sampling.preview_steps`: `previews[j]` is request j's images at that step (the predicted clean latent,
-        VAE-decoded, at the input's size) or None when request j wants none then. Without it nothing is decoded."""
-        if not requests:
+        """Edit a batch (requests not yet prepared are prepared here). `on_step(step, total)` after each denoising
+        step; `should_stop()` before each (true: `Cancelled`). `on_preview(j, Preview)` (only when given, and only
+        for requests with `partial_images` > 0) after the evenly spaced steps of `sampling.preview_steps`: request
+        j's images at that step (the predicted clean latent, VAE-decoded, at the input's size). Without it nothing
+        is decoded."""
+        if not batch:
             return []
-        keys = {self.batch_key(r) for r in requests}
-        if len(keys) != 1:
-            raise ValueError("requests in one batch must share working size, steps, strength start and guidance")
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -162,9 +171,11 @@ class EditPipeline:
             timings[stage] = timings.get(stage, 0.0) + now - clock
             clock = now
 
-        prepared = [self._prepare(r) for r in requests]
-        guided = requests[0].guidance_scale > 1.0
-        first = requests[0]
+        prepared = [p if isinstance(p, PreparedEdit) else self.prepare(p) for p in batch]
+        if len({p.key for p in prepared}) != 1:
+            raise ValueError("requests in one batch must share working size, steps, strength start and guidance")
+        first = prepared[0].request
+        guided = first.guidance_scale > 1.0
         lap("preprocess")
 
         # VAE moments of each reference image, then one posterior sample per output image (seeded below).
@@ -191,12 +202,15 @@ class EditPipeline:
         lap("prepare_latents")
 
         on_x0 = x0_at = None
-        if on_preview is not None and any(r.partial_images > 0 for r in requests):
+        if on_preview is not None and any(p.request.partial_images > 0 for p in prepared):
             on_x0, x0_at = self._previewer(prepared, on_preview)
+        if self.step_cache is not None:
+            start = sampling.start_index(first.steps, first.strength) if first.strength < 1.0 else 0
+            self.step_cache.begin(first.steps - start)
         result = sampling.sample(
             self.dit, noise, ref_latent, cond, first.steps, guidance, self.version,
             strength=first.strength, init_latent=init_latent, truncate=self.truncate,
-            on_step=on_step, cancelled=cancelled, on_x0=on_x0, x0_at=x0_at,
+            on_step=on_step, should_stop=should_stop, on_x0=on_x0, x0_at=x0_at,
         )
         lap("denoise")
 
@@ -206,17 +220,30 @@ class EditPipeline:
 
         results, k = [], 0
         for j, p in enumerate(prepared):
-            imgs = [imaging.restore_size(outs[k + i], p.original_size) for i in range(len(p.seeds))]
-            k += len(p.seeds)
+            imgs = [imaging.restore_size(outs[k + i], p.original_size) for i in range(p.images)]
+            k += p.images
             text = enc.text_tokens[j] + (enc.text_tokens[j + r] if guided else 0)
             image_tok = enc.image_tokens[j] + (enc.image_tokens[j + r] if guided else 0)
-            results.append(EditResult(imgs, list(p.seeds), text, image_tok, dict(timings)))
+            results.append(EditResult(imgs, list(p.seeds), text, image_tok))
         lap("postprocess")
         for res in results:
             res.timings = dict(timings)
         return results
 
-    def _previewer(self, prepared: list[_Prepared], on_preview: Callable):
+    def warmup(self, size_levels: Iterable[int], guided: bool = True, steps: int = 1) -> dict[int, float]:
+        """One short edit per working-size bucket (square input of that size), so that compilation (and any lazy
+        kernel selection) happens at start-up rather than in the first requests. Returns seconds per size."""
+        took = {}
+        for level in size_levels:
+            image = Image.new("RGB", (int(level), int(level)), (128, 128, 128))
+            req = EditRequest(image=image, prompt="warm-up", steps=steps, strength=1.0, seed=0,
+                              guidance_scale=2.5 if guided else 1.0, size_level=int(level))
+            start = time.perf_counter()
+            self.run([req])
+            took[int(level)] = time.perf_counter() - start
+        return took
+
+    def _previewer(self, prepared: list[PreparedEdit], on_preview: PreviewCallback):
         """`on_x0` / `x0_at` for `sampling.sample`: decode only the rows of the requests that want a preview at
         this step (one VAE decode of those rows), resize to each input's size, hand them to `on_preview`."""
 
@@ -235,10 +262,10 @@ class EditPipeline:
                 k += len(p.seeds)
             decoded = vae_ops.decode(self.vae, x0[torch.tensor(rows, device=x0.device)].to(self.vae_dtype))
             pictures = iter([imaging.tensor_to_pil(img) for img in decoded])
-            previews: list[list[Image.Image] | None] = []
-            for p, w in zip(prepared, want):
-                previews.append([imaging.restore_size(next(pictures), p.original_size) for _ in p.seeds] if w else None)
-            on_preview(step, total, previews)
+            for j, (p, w) in enumerate(zip(prepared, want)):
+                if w:
+                    images = [imaging.restore_size(next(pictures), p.original_size) for _ in p.seeds]
+                    on_preview(j, Preview(step, total, images))
 
         return on_x0, x0_at
 
@@ -267,20 +294,24 @@ class EditPipeline:
 
 
 def build_pipeline(settings: Settings) -> EditPipeline:
-    """The models named by the settings on their device: real weights (`full`) or the tiny random `dev` preset."""
+    """The models named by the settings on their device (real weights, `full`, or the tiny random `dev` preset),
+    with the performance options applied, warmed up when compiled."""
+    opts = fastpath.PerfOptions.from_settings(settings)
+    opts.validate()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    preset = settings.resolved_preset()
+    preset = resolve_preset(settings)
     size_level = settings.size_level or presets.DEFAULT_SIZE_LEVEL[preset]
     if preset == "dev":
-        log.warning("dev preset: tiny random weights, outputs are noise (run `step1x-edit download` or set STEP1X_MODEL_DIR for the real model)")
+        log.warning("dev preset: tiny random weights, outputs are noise (run `step1x-edit download` or set "
+                    "STEP1X_MODEL_DIR for the real model)")
+        version = presets.DEV_VERSION if settings.version == "auto" else settings.version
+        if version == "v1.0":
+            raise ValueError("the dev preset is a v1.1 model; version v1.0 needs real weights")
         dit = presets.build_dev_dit(settings.dev_seed).to(device, dtype)
         vae = presets.build_dev_vae(settings.dev_seed).to(device)
         conditioner = build_dev_conditioner(seed=settings.dev_seed, device=device, dtype=dtype,
                                             hidden_size=presets.DEV_ENCODER_HIDDEN)
-        version = presets.DEV_VERSION if settings.version == "auto" else settings.version
-        if version == "v1.0":
-            raise ValueError("the dev preset is a v1.1 model; version v1.0 needs real weights")
     else:
         # explicit paths > STEP1X_MODEL_DIR > the Hugging Face cache; any layout (see models/layouts.py)
         plan = resolve_weights(settings)
@@ -288,10 +319,33 @@ def build_pipeline(settings: Settings) -> EditPipeline:
         if plan.version == "v1.2":
             raise ValueError(f"{plan.dit.path}: {V12_REFUSED}")
         # with offload, weights stay in host memory and each component visits the device only while it runs
-        load_to = torch.device("cpu") if settings.offload != "none" else device
+        load_to = torch.device("cpu") if opts.offload != "none" else device
         dit, version = load_dit(plan.dit.path, version=settings.version, device=load_to, dtype=dtype,
                                 fp8=settings.dit_fp8)
         vae = load_vae(plan.vae.path, device=load_to)
         conditioner = load_conditioner(plan.encoder.path, device=load_to, dtype=dtype)
-    pipe = EditPipeline(dit, vae, conditioner, version, preset, size_level, device, dtype)
-    return fastpath.apply_performance(pipe, settings)  # performance options; a no-op with the defaults
+
+    changes = opts.changes()
+    if changes:
+        log.info("performance options: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+    if opts.fuse_qkv:
+        fastpath.fuse_qkv_(dit)
+    if opts.fp8_dynamic:
+        fastpath.quantize_fp8_(dit, device)
+    if opts.attention_backend != "native":
+        fastpath.set_attention_backend_(dit, opts.attention_backend)
+    if opts.compile:
+        fastpath.compile_blocks_(dit, mode=opts.compile_mode)
+    if opts.vae_bf16 or opts.vae_channels_last:
+        fastpath.vae_fast_(vae, opts.vae_bf16, opts.vae_channels_last)
+    step_cache = fastpath.StepCache(dit, opts) if opts.step_cache != "none" else None
+    offload = fastpath.enable_offload(dit, vae, conditioner, device) if opts.offload == "model" else None
+    pipe = EditPipeline(dit, vae, conditioner, version, preset, size_level, device, dtype,
+                        vae_dtype=torch.bfloat16 if opts.vae_bf16 else torch.float32,
+                        perf=opts, step_cache=step_cache, offload=offload)
+    if opts.compile:
+        sizes = (size_level,) if opts.compile_warmup_sizes is None else opts.compile_warmup_sizes
+        if sizes:
+            took = pipe.warmup(sizes)
+            log.info("compile warm-up: %s", ", ".join(f"{s}: {t:.1f} s" for s, t in took.items()))
+    return pipe

@@ -8,11 +8,14 @@ in another order and has no reference tokens).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from .types import Cancelled
 
 RESCALE_EXPONENT = 0.4
 # `timesteps_truncate` of each version's generate_image: steps with t > truncate use the norm-rescaled guidance.
@@ -119,7 +122,7 @@ def denoise(
     truncate: float,
     on_step: Callable[[int, int], None] | None = None,
     trace: list[StepTrace] | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     on_x0: Callable[[int, int, torch.Tensor], None] | None = None,
     x0_at: Callable[[int, int], bool] | None = None,
 ) -> torch.Tensor:
@@ -131,12 +134,18 @@ def denoise(
     `on_x0(step, total, x0)` (previews) is called after `on_step` for the steps where `x0_at(step, total)` is true,
     with the flow-matching prediction of the clean tokens: x_t = t*noise + (1-t)*x0 and v = noise - x0 give
     x0 = x_t - t*v, here taken after the step as x_next - t_next*v (the same value). Nothing extra runs otherwise.
+
+    `should_stop()` is asked before each step; when true the loop raises `Cancelled`. A model with one of diffusers'
+    step caches enabled (`is_cache_enabled`) gets its cache state reset for this call and each step wrapped in
+    `cache_context` (one context: the prompt and negative rows run as one batch).
     """
-    dtype = next(model.parameters()).dtype
+    dtype = model.compute_dtype
     n_tok = x.shape[1]
     txt_ids = torch.zeros(cond.embedding.shape[1], 3, device=x.device)
     ids = torch.cat([target_ids, ref_ids], dim=0).to(x.device)
-    rotary = model.rotary_embedding(txt_ids, ids)
+    cached = bool(getattr(model, "is_cache_enabled", False))
+    if cached:
+        model._reset_stateful_cache()
     emb, mask = cond.embedding, cond.mask
     if cond.guided:
         emb = torch.cat([emb, cond.neg_embedding], dim=0)
@@ -145,26 +154,33 @@ def denoise(
         guidance = guidance.to(device=x.device, dtype=torch.float32).reshape(-1, 1, 1)
     ref_in = ref.to(dtype)
     total = len(timesteps) - 1
-    for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        if cancelled is not None and cancelled():
-            raise InterruptedError("cancelled")
-        img = torch.cat([x.to(dtype), ref_in], dim=1)
-        if cond.guided:
-            img = torch.cat([img, img], dim=0)
-        t_vec = torch.full((img.shape[0],), t_curr, dtype=dtype, device=x.device)
-        raw = model(img, ids, txt_ids, t_vec, emb, t_vec, mask, rotary_emb=rotary)
-        pred = raw[:, :n_tok].float()
-        norm = divisor = None
-        if cond.guided:
-            c, u = pred.chunk(2, dim=0)
-            pred, norm, divisor = guide(c, u, guidance, t_curr > truncate)
-        x = x + (t_prev - t_curr) * pred
-        if trace is not None:
-            trace.append(StepTrace(raw_pred=raw.float(), x=x.clone(), rescale_norm=norm, rescale_divisor=divisor))
-        if on_step is not None:
-            on_step(i + 1, total)
-        if on_x0 is not None and (x0_at is None or x0_at(i + 1, total)):
-            on_x0(i + 1, total, x - t_prev * pred)
+    try:
+        for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+            if should_stop is not None and should_stop():
+                raise Cancelled("stopped between steps")
+            img = torch.cat([x.to(dtype), ref_in], dim=1)
+            if cond.guided:
+                img = torch.cat([img, img], dim=0)
+            t_vec = torch.full((img.shape[0],), t_curr, dtype=dtype, device=x.device)
+            context = (model.cache_context("cond", step_index=i, num_inference_steps=total, timestep=t_curr) if cached
+                       else contextlib.nullcontext())
+            with context:
+                raw = model(img, ids, txt_ids, t_vec, emb, t_vec, mask)
+            pred = raw[:, :n_tok].float()
+            norm = divisor = None
+            if cond.guided:
+                c, u = pred.chunk(2, dim=0)
+                pred, norm, divisor = guide(c, u, guidance, t_curr > truncate)
+            x = x + (t_prev - t_curr) * pred
+            if trace is not None:
+                trace.append(StepTrace(raw_pred=raw.float(), x=x.clone(), rescale_norm=norm, rescale_divisor=divisor))
+            if on_step is not None:
+                on_step(i + 1, total)
+            if on_x0 is not None and (x0_at is None or x0_at(i + 1, total)):
+                on_x0(i + 1, total, x - t_prev * pred)
+    finally:
+        if cached:  # the hooks' saved residuals are this call's tensors: let them go
+            model._reset_stateful_cache()
     return x
 
 
@@ -188,7 +204,7 @@ def sample(
     truncate: float | None = None,
     on_step: Callable[[int, int], None] | None = None,
     trace: list[StepTrace] | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     on_x0: Callable[[int, int, torch.Tensor], None] | None = None,
     x0_at: Callable[[int, int], bool] | None = None,
 ) -> SampleResult:
@@ -217,7 +233,7 @@ def sample(
         truncate,
         on_step=on_step,
         trace=trace,
-        cancelled=cancelled,
+        should_stop=should_stop,
         on_x0=None if on_x0 is None else (lambda step, total, x0: on_x0(step, total, unpack(x0, h, w))),
         x0_at=x0_at,
     )
