@@ -1,11 +1,11 @@
-"""Request models and the OpenAPI document (`api/schemas.py`, `api/app.py`), without starting a server."""
+"""Request models and the OpenAPI document (`api/protocol.py`, `api/app.py`), without starting a server."""
 
 from __future__ import annotations
 
 import pytest
 
 from step1x_edit.api.errors import APIError
-from step1x_edit.api.schemas import (EditFormParams, GenerationRequest, form_to_fields, validate_model)
+from step1x_edit.api.protocol import (EditFormParams, GenerationRequest, form_to_fields, validate_model)
 
 BASE = {"model": "stepfun-ai/step1x-edit", "prompt": "p", "image": "abc"}
 
@@ -64,7 +64,7 @@ def test_form_strings_become_typed_values():
                       "guidance_scale": 3.0, "negative_prompt": None, "size": "auto",
                       "response_format": "b64_json"}
     params = validate_model(EditFormParams, fields)
-    assert params.seed is None and params.model is None
+    assert params.seed == -1 and params.negative_prompt == "" and params.model is None  # empty = the default
 
 
 @pytest.mark.parametrize("field,value", [("n", "two"), ("n", "2.5"), ("steps", "1e3"), ("strength", "nan"),
@@ -89,12 +89,11 @@ def test_openapi_documents_400_not_422_and_the_seed_ranges(tmp_path):
     assert set(gen["responses"]) >= {"200", "400", "401", "404", "413", "429", "500", "503", "504"}
     props = doc["components"]["schemas"]["GenerationRequest"]["properties"]
     assert set(doc["components"]["schemas"]["GenerationRequest"]["required"]) == {"model", "prompt", "image"}
-    n = next(v for v in props["n"]["anyOf"] if v["type"] == "integer")
-    assert (n["minimum"], n["maximum"], props["n"]["default"]) == (1, 4, 1)
-    steps = next(v for v in props["steps"]["anyOf"] if v["type"] == "integer")
+    n, steps = props["n"], props["steps"]
+    assert (n["type"], n["minimum"], n["maximum"], n["default"]) == ("integer", 1, 4, 1)
     assert (steps["minimum"], steps["maximum"]) == (1, 50)
     form = doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["properties"]["image"]["format"] == "binary"
     assert form["properties"]["guidance_scale"]["maximum"] == 10
     assert gen["security"] == [{"bearer": []}]
-    assert "security" not in doc["paths"]["/v1/files/images/{image_id}.png"]["get"]
+    assert "security" not in doc["paths"]["/v1/files/images/{name}"]["get"]

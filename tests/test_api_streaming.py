@@ -21,6 +21,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 from server_fixtures import KEY, data_uri, dev_settings, example_image, png_bytes, start_server, wait_until  # noqa: E402
 
+from step1x_edit.pipeline.types import PreparedEdit  # noqa: E402
+
 MODEL = "stepfun-ai/step1x-edit"
 pytestmark = pytest.mark.timeout(300)
 
@@ -168,13 +170,15 @@ class _FailingPipeline:
     def info(self):
         return {"preset": "dev", "version": "v1.1"}
 
-    def batch_key(self, req):
-        return ("k",)
+    def prepare(self, req):
+        return PreparedEdit(request=req, original_size=req.image.size, resized=req.image, seeds=(1,), key=("k",))
 
-    def run(self, requests, on_step=None, **kw):
-        if on_step is not None:
-            on_step(1, 2)
+    def run(self, batch, *, on_step=None, **kw):
+        on_step(1, 2)
         raise RuntimeError("boom")
+
+    def release_memory(self):
+        pass
 
 
 def test_failure_after_the_stream_started_is_an_error_event(tmp_path):
@@ -207,8 +211,8 @@ def test_openapi_documents_the_event_stream(tmp_path):
         assert refs == {"PartialImageEvent", "CompletedEvent", "ProgressEvent", "StreamErrorEvent"}
         assert all(name in doc["components"]["schemas"] for name in refs)
     props = doc["components"]["schemas"]["GenerationRequest"]["properties"]
-    partial = next(v for v in props["partial_images"]["anyOf"] if v["type"] == "integer")
-    assert (partial["minimum"], partial["maximum"], props["partial_images"]["default"]) == (0, 3, 0)
+    partial = props["partial_images"]
+    assert (partial["type"], partial["minimum"], partial["maximum"], partial["default"]) == ("integer", 0, 3, 0)
     form = doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["properties"]["stream"]["type"] == "boolean" and "partial_images" in form["properties"]
     json.dumps(doc)

@@ -22,7 +22,7 @@ from PIL import Image
 from step1x_edit.api.errors import APIError, describe_validation_errors
 from step1x_edit.api.images import ImageLimits, open_image, parse_image_field
 from step1x_edit.api.links import is_public_address
-from step1x_edit.api.schemas import SEED_MAX, EditFormParams, GenerationRequest, form_to_fields, validate_model
+from step1x_edit.api.protocol import SEED_MAX, EditFormParams, GenerationRequest, form_to_fields, validate_model
 from step1x_edit.pipeline.imaging import to_rgb, working_size
 
 LIMITS = ImageLimits(max_bytes=300_000, max_pixels=1000 * 1000)

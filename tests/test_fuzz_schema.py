@@ -38,7 +38,7 @@ OPERATIONS = {
     ("POST", "/v1/images/edits"): 40,
     ("GET", "/v1/models"): 10,
     ("GET", "/v1/models/{model_id}"): 25,
-    ("GET", "/v1/files/images/{image_id}.png"): 25,
+    ("GET", "/v1/files/images/{name}"): 25,
     ("GET", "/health"): 3,
     ("GET", "/ready"): 3,
     ("GET", "/metrics"): 3,

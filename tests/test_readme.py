@@ -56,3 +56,18 @@ def test_license_is_an_spdx_expression():
     assert PYPROJECT["project"]["license"] == "Apache-2.0"
     requires = " ".join(PYPROJECT["build-system"]["requires"])
     assert re.search(r"setuptools>=(\d+)", requires) and int(re.search(r"setuptools>=(\d+)", requires)[1]) >= 77
+
+
+def test_the_settings_table_is_the_one_settings_py_declares():
+    from step1x_edit.cli_args import settings_table
+
+    table = README.split("<!-- settings-table -->\n", 1)[1].split("\n<!-- /settings-table -->", 1)[0]
+    assert table == settings_table(), "regenerate it: .venv/bin/python -m step1x_edit.cli_args"
+
+
+def test_the_request_fields_table_lists_every_protocol_field():
+    from step1x_edit.api.protocol import EditParams, GenerationRequest
+
+    table = README.split("### Request fields", 1)[1].split("\n\n", 2)[1]
+    rows = {line.split("|")[1].strip().strip("`") for line in table.splitlines() if line.startswith("| `")}
+    assert rows == set(GenerationRequest.model_fields) | set(EditParams.model_fields)

@@ -16,21 +16,22 @@ from typing import Any
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import MODEL_ID, __version__
 from ..engine.metrics import Metrics
 from ..engine.worker import Engine, PipelineLike
+from ..models.layouts import resolve_preset
 from ..settings import Settings
-from ..storage.local import LocalImageStore
+from ..storage import ImageStore, StorageError, open_store
 from .auth import KeyChecker, load_keys
 from .errors import APIError, ErrorResponse, bad_request, install_error_handlers
 from .forms import IMAGE_FIELDS, read_form, reject_duplicate_json_keys, text_fields
 from .images import ImageLimits, ImageRef, parse_image_field
 from .links import LinkFetcher, Resolver, system_resolver
 from .middleware import RequestContextMiddleware
-from .schemas import (EditFormParams, GenerationRequest, ImagesResponse, ModelCard, ModelList, edit_form_openapi,
+from .protocol import (EditFormParams, GenerationRequest, ImagesResponse, ModelCard, ModelList, edit_form_openapi,
                       form_to_fields, validate_model)
 from .service import Server, check_model, run_edit
 from .playground import add_playground
@@ -69,8 +70,7 @@ def create_app(settings: Settings | None = None, *, pipeline_factory: Callable[[
     engine = Engine(pipeline_factory or _default_factory(settings), queue_depth=settings.queue_depth,
                     batch_max_images=settings.batch_max_images, batch_wait_s=settings.batch_wait_ms / 1000,
                     metrics=metrics)
-    store = LocalImageStore(settings.storage_dir, expiry_s=settings.url_expiry_s,
-                            key=settings.url_signing_key.get_secret_value().encode() if settings.url_signing_key else None)
+    store = open_store(settings)
     limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
     fetcher = LinkFetcher(max_bytes=settings.max_image_bytes, timeout_s=settings.image_fetch_timeout_s,
                           max_redirects=settings.image_fetch_max_redirects,
@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None, *, pipeline_factory: Callable[[
         if keys.open:
             log.warning("no API key configured (STEP1X_API_KEYS / STEP1X_API_KEYS_FILE): the API is open to anyone "
                         "who can reach it")
-        if settings.resolved_preset() == "dev":
+        if resolve_preset(settings) == "dev":
             log.warning("DEV PRESET: tiny random weights, every output image is noise")  # (the hint: pipeline)
         engine.start()
         janitor = asyncio.create_task(_janitor(store, settings.janitor_interval_s))
@@ -167,15 +167,25 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         check_model(model_id)
         return _model_card(server)
 
-    @app.get("/v1/files/images/{image_id}.png", response_class=FileResponse, responses={
-        200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "PNG"},
-        404: {**_ERR, "description": "Unknown, tampered or expired link"}}, summary="A stored output (signed link)")
-    async def image_file(image_id: str, expires: str | None = None, sig: str | None = None) -> Any:
-        path = server.store.resolve(image_id, expires, sig)
-        if path is None:
+    @app.get("/v1/files/images/{name}", response_class=StreamingResponse, responses={
+        200: {"content": {m: {"schema": {"type": "string", "format": "binary"}}
+                          for m in ("image/png", "image/jpeg", "image/webp")}, "description": "The image"},
+        404: {**_ERR, "description": "Unknown, tampered or expired link"},
+        503: {**_ERR, "description": "The output store cannot be reached"}}, summary="A stored output (signed link)")
+    async def image_file(name: str, expires: str | None = None, sig: str | None = None) -> Any:
+        try:
+            blob = await anyio.to_thread.run_sync(server.store.open, name, expires, sig)
+        except StorageError as exc:
+            log.error("reading output %s failed: %r", name[:64], exc)
+            raise APIError(503, "The output store cannot be reached; retry later", code="storage_unavailable",
+                           headers={"Retry-After": "10"}) from None
+        if blob is None:
             raise APIError(404, "Image not found: the link is invalid or has expired", code="not_found")
         remaining = max(0, int(expires or 0) - int(time.time()))
-        return FileResponse(path, media_type="image/png", headers={"Cache-Control": f"private, max-age={remaining}"})
+        headers = {"Cache-Control": f"private, max-age={remaining}"}
+        if blob.size is not None:
+            headers["Content-Length"] = str(blob.size)
+        return StreamingResponse(blob.chunks, media_type=blob.media_type, headers=headers)
 
     @app.get("/health", summary="Liveness")
     async def health() -> dict[str, str]:
@@ -199,18 +209,18 @@ def _add_routes(app: FastAPI, server: Server) -> None:
 def _model_card(server: Server) -> dict[str, Any]:
     info = server.engine.info
     settings = server.settings
-    preset = info.get("preset") or settings.resolved_preset()
+    preset = info.get("preset") or resolve_preset(settings)
     version = info.get("version") or (None if settings.version == "auto" else settings.version)
     return {"id": MODEL_ID, "object": "model", "created": server.started_at, "owned_by": "stepfun-ai",
             "version": version, "preset": preset, "dev_preset": preset == "dev", "ready": server.engine.ready,
             "device": info.get("device"), "dtype": info.get("dtype")}
 
 
-async def _janitor(store: LocalImageStore, interval_s: float) -> None:
+async def _janitor(store: ImageStore, interval_s: float) -> None:
     """Delete expired outputs now and every `interval_s`; a failure is logged and retried next round."""
     while True:
         try:
-            await anyio.to_thread.run_sync(store.purge_expired)
+            await anyio.to_thread.run_sync(store.expire)
         except Exception:  # noqa: BLE001
             log.exception("janitor failed")
         await asyncio.sleep(interval_s)

@@ -11,7 +11,6 @@ is a 400 as well.
 
 from __future__ import annotations
 
-import codecs
 import json
 from collections.abc import Iterable
 from typing import Any

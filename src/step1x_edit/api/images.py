@@ -2,8 +2,8 @@
 
 Everything a client sends is hostile until proven otherwise: sizes are checked before work is spent (base64
 length before decoding, the header's pixel count before the pixels are decoded), only PNG/JPEG/WebP are opened,
-and EXIF orientation is applied so a phone photo is edited the way it is displayed. Links are fetched by
-`links.py` and end up here as bytes.
+and the image is handed on as decoded (EXIF orientation, colour modes: the pipeline's `prepare` deals with those,
+for the API and the CLI alike). Links are fetched by `links.py` and end up here as bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import APIError, bad_request
 
@@ -95,9 +95,7 @@ def open_image(data: bytes, limits: ImageLimits, field: str = "image") -> Image.
                 raise APIError(413, f"'{field}' is too large: {width}x{height} pixels, at most {limits.max_pixels}",
                                code="image_too_large")
             img.load()  # the first frame only, for animated WebP/PNG
-            # Orientation applied here, so that sizes and the output match what the client sees; colour modes
-            # (alpha, palette, 16-bit) are the pipeline's business (`pipeline.imaging.to_rgb`).
-            return ImageOps.exif_transpose(img) or img
+            return img
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -1,8 +1,10 @@
-"""The hosted API's request and response bodies as pydantic models (they also make the OpenAPI schema).
+"""The hosted API's request and response bodies (as vLLM's `protocol.py`): each request field declared once here.
 
-Validation is strict — a string where a number belongs, `4.0` for `n`, or an out-of-range value is a 400, never
-coerced or clamped (design.md). Multipart forms carry only strings, so `form_to_fields` converts them to typed
-values first and the same models validate the result.
+`EditParams` declares every edit field once — type, default, range, description — and everything else derives from
+it: the JSON endpoint's validation and OpenAPI schema, the multipart endpoint's typed conversion
+(`form_to_fields`, from the field types) and its OpenAPI form (`edit_form_openapi`), and the pipeline's request
+(`to_edit_request`). Validation is strict — a string where a number belongs, `4.0` for `n`, or an out-of-range
+value is a 400, never coerced or clamped (design.md); an explicit `null` means "the default".
 
 Fields other OpenAI clients send and this model has no use for are ignored: `size` values other than
 `512x512`/`768x768`/`1024x1024` (e.g. `auto`), `user`, `quality`, `style`, `background`, `moderation`,
@@ -15,15 +17,18 @@ from __future__ import annotations
 
 import math
 import re
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .. import MODEL_ID
-from ..pipeline.types import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
+from ..pipeline.types import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED, EditRequest
 from .errors import bad_request, describe_validation_errors
 
-SEED_MAX = 2**63 - 1
+SEED_MAX = MAX_SEED
 MAX_PROMPT_CHARS = 8192
 # `size` values that pick the working area (StepFun's platform convention for this model); others are ignored.
 SIZE_LEVELS = {"512x512": 512, "768x768": 768, "1024x1024": 1024}
@@ -36,33 +41,53 @@ class EditParams(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S",
                         description="Prompt word: the edit instruction (not blank)")
-    n: int | None = Field(1, ge=1, le=4, description="The number of images generated, ranging from 1 to 4")
-    strength: float | None = Field(DEFAULT_STRENGTH, ge=0, le=1, allow_inf_nan=False,
-                                   description="The degree of transformation referenced by the image, from 0 to 1")
-    seed: int | None = Field(-1, ge=-1, le=SEED_MAX,
-                             description="Random seed; -1 = random. Image i of a request uses seed + i; the response "
-                                         "reports each image's seed.")
-    steps: int | None = Field(DEFAULT_STEPS, ge=1, le=50, description="Number of inference steps, from 1 to 50")
-    guidance_scale: float | None = Field(DEFAULT_GUIDANCE, ge=1, le=10, allow_inf_nan=False,
-                                         description="Consistency between output and prompt, in [1, 10]; "
-                                                     "1 turns classifier-free guidance off")
-    negative_prompt: str | None = Field("", max_length=MAX_PROMPT_CHARS,
-                                        description="Content you do not wish to appear in the generated image")
-    response_format: Literal["url", "b64_json"] | None = Field(
+    n: int = Field(1, ge=1, le=4, description="The number of images generated, ranging from 1 to 4")
+    strength: float = Field(DEFAULT_STRENGTH, ge=0, le=1, allow_inf_nan=False,
+                            description="The degree of transformation referenced by the image, from 0 to 1")
+    seed: int = Field(-1, ge=-1, le=SEED_MAX,
+                      description="Random seed; -1 = random (drawn below 2^53 so JavaScript clients can replay it). "
+                                  "Image i of a request uses seed + i; the response reports each image's seed.")
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=50, description="Number of inference steps, from 1 to 50")
+    guidance_scale: float = Field(DEFAULT_GUIDANCE, ge=1, le=10, allow_inf_nan=False,
+                                  description="Consistency between output and prompt, in [1, 10]; "
+                                              "1 turns classifier-free guidance off")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
+                                 description="Content you do not wish to appear in the generated image")
+    response_format: Literal["url", "b64_json"] = Field(
         "url", description="`url` (a signed link valid for 7 days by default) or `b64_json`")
     size: str | None = Field(None, max_length=64,
                              description="`512x512`, `768x768` or `1024x1024` picks the working area; "
                                          "other values (e.g. `auto`) are ignored")
-    stream: bool | None = Field(False, description="true: answer with server-sent events (`text/event-stream`): "
-                                "`partial_images` previews, then one `.completed` event per image (see the README)")
-    partial_images: int | None = Field(0, ge=0, le=3,
-                                       description="With stream=true: previews of the current prediction sent while "
-                                                   "denoising (0-3, evenly spaced steps; a short run may send fewer)")
-    stream_progress: bool | None = Field(False, description="With stream=true (this server's extension): also send "
-                                         "an `image_generation.progress` / `image_edit.progress` event per step")
+    stream: bool = Field(False, description="true: answer with server-sent events (`text/event-stream`): "
+                         "`partial_images` previews, then one `.completed` event per image (see the README)")
+    partial_images: int = Field(0, ge=0, le=3,
+                                description="With stream=true: previews of the current prediction sent while "
+                                            "denoising (0-3, evenly spaced steps; a short run may send fewer)")
+    stream_progress: bool = Field(False, description="With stream=true (this server's extension): also send "
+                                  "an `image_generation.progress` / `image_edit.progress` event per step")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """`"n": null` (some clients send every field) means the default, as an absent field does."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields
+                                                          and not cls.model_fields[k].is_required())}
+        return data
 
     def size_level(self) -> int | None:
         return SIZE_LEVELS.get((self.size or "").strip().lower())
+
+    def expected_steps(self) -> int:
+        """Denoising steps the job will run (img2img starts at index int((1 - strength) * steps))."""
+        return self.steps - int((1 - self.strength) * self.steps) if self.strength < 1 else self.steps
+
+    def to_edit_request(self, image: Image.Image) -> EditRequest:
+        """The pipeline's request (fields that only shape the HTTP answer stay here)."""
+        return EditRequest(image=image, prompt=self.prompt, negative_prompt=self.negative_prompt, n=self.n,
+                           steps=self.steps, guidance_scale=self.guidance_scale, strength=self.strength,
+                           seed=self.seed, size_level=self.size_level(),
+                           partial_images=self.partial_images if self.stream else 0)
 
 
 class GenerationRequest(EditParams):
@@ -133,46 +158,52 @@ class ModelList(BaseModel):
 # ASCII digits only: `int()` and `float()` also take other scripts' digits ("\u0662" is 2) and `1_000`.
 _INT = re.compile(r"^[+-]?[0-9]{1,30}$")
 _FLOAT = re.compile(r"^[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,4})?$")
-_INT_FIELDS = {"n", "seed", "steps", "partial_images"}
-_FLOAT_FIELDS = {"strength", "guidance_scale"}
-_BOOL_FIELDS = {"stream", "stream_progress"}
-_STR_FIELDS = {"prompt", "negative_prompt", "response_format", "size", "model"}
+_KEEP_SPACES = ("prompt", "negative_prompt")  # text whose spaces matter; other strings are stripped
 
 
-def form_to_fields(form: dict[str, str]) -> dict[str, Any]:
-    """Typed values from multipart strings: `""` is null (the default), `"true"/"false"` are booleans,
-    numbers must parse completely. Unknown fields are dropped (ignored)."""
+def _kind(annotation: Any) -> Any:
+    """`X | None` -> X; `Literal["a", "b"]` -> str."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is Literal:
+        return type(typing.get_args(annotation)[0])
+    return annotation
+
+
+def form_to_fields(form: dict[str, str], model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Typed values from multipart strings, by the types `model` declares (default `EditFormParams`): `""` is null
+    (the default), `true/false/1/0` are booleans, numbers must parse completely. Unknown fields are dropped."""
+    fields = (model or EditFormParams).model_fields
     out: dict[str, Any] = {}
     for name, raw in form.items():
+        if name not in fields:
+            continue
+        kind = _kind(fields[name].annotation)
         value = raw.strip()
-        if name in _STR_FIELDS:
-            if value == "" and name != "prompt":
-                out[name] = None
-            else:
-                out[name] = raw if name in ("prompt", "negative_prompt") else value
-        elif value == "" and name in (_INT_FIELDS | _FLOAT_FIELDS | _BOOL_FIELDS):
+        if value == "" and name != "prompt":
             out[name] = None
-        elif name in _INT_FIELDS:
-            if not _INT.match(value):
-                raise bad_request(f"Invalid value for '{name}': expected an integer, got {raw[:40]!r}")
-            out[name] = int(value)
-        elif name in _FLOAT_FIELDS:
-            try:
-                if not _FLOAT.match(value):
-                    raise ValueError(value)
-                number = float(value)
-            except ValueError:
-                raise bad_request(f"Invalid value for '{name}': expected a number, got {raw[:40]!r}") from None
-            if not math.isfinite(number):
-                raise bad_request(f"Invalid value for '{name}': expected a finite number")
-            out[name] = number
-        elif name in _BOOL_FIELDS:
+        elif kind is str:
+            out[name] = raw if name in _KEEP_SPACES else value
+        elif kind is bool:
             if value.lower() in ("true", "1"):
                 out[name] = True
             elif value.lower() in ("false", "0"):
                 out[name] = False
             else:
                 raise bad_request(f"Invalid value for '{name}': expected true or false, got {raw[:40]!r}")
+        elif kind is int:
+            if not _INT.match(value):
+                raise bad_request(f"Invalid value for '{name}': expected an integer, got {raw[:40]!r}")
+            out[name] = int(value)
+        elif kind is float:
+            if not _FLOAT.match(value):
+                raise bad_request(f"Invalid value for '{name}': expected a number, got {raw[:40]!r}")
+            number = float(value)
+            if not math.isfinite(number):  # 1e999
+                raise bad_request(f"Invalid value for '{name}': expected a finite number")
+            out[name] = number
+        else:  # a structured field (a list of objects) travels as JSON text in a form
+            raise bad_request(f"Field '{name}' cannot be sent in a form")
     return out
 
 

@@ -26,7 +26,6 @@ mid-stream has its job dropped from the queue, or stopped between steps when its
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -39,10 +38,12 @@ from pydantic import BaseModel, Field
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ..engine.worker import Aborted
+from ..pipeline.types import Preview, Progress, Started
 from .errors import APIError, ErrorDetail, error_body, request_id_of
-from .images import ImageRef, encode_png
-from .schemas import EditParams
-from .service import Server, job_error, submit_edit, usage_of
+from .images import ImageRef
+from .protocol import EditParams
+from .service import Server, client_gone, encode_b64, job_error, submit_edit, timed_out, usage_of
 
 log = logging.getLogger("step1x_edit.api")
 
@@ -146,15 +147,6 @@ class EventStreamResponse(StreamingResponse):
             self._on_close()
 
 
-def expected_steps(params: EditParams) -> int:
-    """Denoising steps the job will run (img2img starts at index int((1 - strength) * steps))."""
-    from ..pipeline.types import DEFAULT_STEPS, DEFAULT_STRENGTH
-
-    steps = params.steps if params.steps is not None else DEFAULT_STEPS
-    strength = params.strength if params.strength is not None else DEFAULT_STRENGTH
-    return steps - int((1 - strength) * steps) if strength < 1 else steps
-
-
 async def stream_edit(server: Server, request: Request, params: EditParams, image: ImageRef,
                       prefix: Literal["image_generation", "image_edit"]) -> EventStreamResponse:
     """Submit the job (errors raise here, before any byte), then answer with its events as they come."""
@@ -168,31 +160,28 @@ async def stream_edit(server: Server, request: Request, params: EditParams, imag
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
-    job = await submit_edit(server, params, image, listener=put, partial_images=params.partial_images or 0)
+    job = await submit_edit(server, params, image, listener=put)
     # Runs in the thread that settles the future, after that thread's last progress event: _DONE comes last.
     job.future.add_done_callback(lambda _f: put(_DONE))
     request_id = request_id_of(request)
     state = {"finished": False}
 
     def on_close() -> None:
-        if state["finished"] or job.future.done():
-            return
-        job.cancel("disconnected")
-        server.metrics.jobs.labels("dropped_disconnect").inc()
-        log.info("client of streaming request %s went away; job dropped", request_id)
+        if not (state["finished"] or job.future.done()):
+            client_gone(server, job, request_id)
+
+    def progress(step: int, total: int) -> bytes:
+        kind = f"{prefix}.progress"
+        return sse(kind, {"type": kind, "step": step, "total_steps": total, "created_at": int(time.time())})
 
     async def events() -> AsyncIterator[bytes]:
         yield b": accepted\n\n"
         partial_index = 0
-        total = expected_steps(params)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                never_ran = job.cancel("timeout")
-                server.metrics.jobs.labels("dropped_timeout").inc()
                 state["finished"] = True
-                yield _error(APIError(504, f"The request timed out after {server.settings.request_timeout_s:g} s"
-                                      + (" in the queue" if never_ran else ""), code="timeout"), request_id)
+                yield _error(timed_out(server, job), request_id)
                 return
             try:
                 item = await asyncio.wait_for(queue.get(), min(remaining, KEEPALIVE_S))
@@ -201,40 +190,34 @@ async def stream_edit(server: Server, request: Request, params: EditParams, imag
                 continue
             if item is _DONE:
                 break
-            if item[0] == "started" and params.stream_progress:
-                yield sse(f"{prefix}.progress", {"type": f"{prefix}.progress", "step": 0, "total_steps": total,
-                                                 "created_at": int(time.time())})
-            elif item[0] == "progress" and params.stream_progress:
-                _, step, total = item
-                yield sse(f"{prefix}.progress", {"type": f"{prefix}.progress", "step": step, "total_steps": total,
-                                                 "created_at": int(time.time())})
-            elif item[0] == "preview":
-                _, step, total, images = item
-                encoded = await anyio.to_thread.run_sync(_encode, server, images)
-                for i, (b64, size) in enumerate(encoded):
-                    kind = f"{prefix}.partial_image"
-                    yield sse(kind, {"type": kind, **_image_fields(b64, size), "partial_image_index": partial_index,
-                                     "image_index": i, "step": step, "total_steps": total})
+            if isinstance(item, Started) and params.stream_progress:
+                yield progress(0, params.expected_steps())
+            elif isinstance(item, Progress) and params.stream_progress:
+                yield progress(item.step, item.total)
+            elif isinstance(item, Preview):
+                encoded = await anyio.to_thread.run_sync(encode_b64, server, item.images)
+                kind = f"{prefix}.partial_image"
+                for i, (b64, img) in enumerate(zip(encoded, item.images, strict=True)):
+                    yield sse(kind, {"type": kind, **_image_fields(b64, img.size), "partial_image_index": partial_index,
+                                     "image_index": i, "step": item.step, "total_steps": item.total})
                 partial_index += 1
 
         future = job.future
         exc = future.exception() if not future.cancelled() else None
         if future.cancelled() or exc is not None:
-            from ..engine.worker import Aborted
-
             state["finished"] = True
             yield _error(job_error(exc or Aborted("cancelled"), request_id), request_id)
             return
         result = future.result()
         t0 = time.monotonic()
-        encoded = await anyio.to_thread.run_sync(_encode, server, result.images)
+        encoded = await anyio.to_thread.run_sync(encode_b64, server, result.images)
         server.metrics.observe_stage("output", time.monotonic() - t0)
         usage = usage_of(result)
         kind = f"{prefix}.completed"
-        for i, ((b64, size), seed) in enumerate(zip(encoded, result.seeds, strict=True)):
+        for i, (b64, img, seed) in enumerate(zip(encoded, result.images, result.seeds, strict=True)):
             if i == len(encoded) - 1:
                 state["finished"] = True
-            yield sse(kind, {"type": kind, **_image_fields(b64, size), "image_index": i, "seed": seed,
+            yield sse(kind, {"type": kind, **_image_fields(b64, img.size), "image_index": i, "seed": seed,
                              "usage": usage})
 
     return EventStreamResponse(events(), on_close)
@@ -243,14 +226,6 @@ async def stream_edit(server: Server, request: Request, params: EditParams, imag
 def _image_fields(b64: str, size: tuple[int, int]) -> dict[str, Any]:
     return {"b64_json": b64, "created_at": int(time.time()), "size": f"{size[0]}x{size[1]}", "quality": "auto",
             "background": "opaque", "output_format": "png"}
-
-
-def _encode(server: Server, images: list[Any]) -> list[tuple[str, tuple[int, int]]]:
-    out = []
-    for img in images:
-        b64 = base64.b64encode(encode_png(img)).decode("ascii")
-        out.append(("data:image/png;base64," + b64 if server.settings.b64_json_style == "data_uri" else b64, img.size))
-    return out
 
 
 def _error(err: APIError, request_id: str | None) -> bytes:
