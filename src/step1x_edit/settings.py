@@ -1,111 +1,141 @@
-"""One settings object: environment variables `STEP1X_*`, CLI flags override (see `cli.py`)."""
+"""One settings object: environment variables `STEP1X_*`, CLI flags override.
+
+Each setting is declared once here — type, default, bounds and a description — and everything else derives from
+it: the `STEP1X_<NAME>` variable (pydantic-settings), the command-line flag `--<name>` of `serve` / `edit` /
+`bench` (`cli_args.py`: type, choices, help text, group) and the README's table. Imports nothing of the project.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _opt(group: str, description: str, *, flag: str | None = None, cli: bool = True, **kw: Any) -> Any:
+    """`Field(**kw)` with the CLI group, an optional extra flag name (older spelling) and the description."""
+    extra = {"group": group, "cli": cli}
+    if flag:
+        extra["alias_flag"] = flag
+    return Field(description=description, json_schema_extra=extra, **kw)
+
+
+MODEL, SERVER, ENGINE, LIMITS, OUTPUTS, PERF = "model", "server", "engine", "input limits", "outputs", "performance"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEP1X_", extra="ignore")
 
     # --- model -------------------------------------------------------------------------------------------------
-    # `dev` = tiny random weights built at start-up (outputs are noise); `full` = the real model from the paths below.
-    preset: Literal["auto", "dev", "full"] = "auto"
-    dit_path: Path | None = None  # step1x-edit-i1258.safetensors / step1x-edit-v1p1-official.safetensors
-    vae_path: Path | None = None  # vae.safetensors
-    encoder_path: Path | None = None  # Qwen2.5-VL-7B-Instruct directory
-    version: Literal["auto", "v1.0", "v1.1"] = "auto"  # detected from the DiT file unless forced
-    device: str = "auto"  # auto -> cuda if available else cpu
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto -> bf16 on GPU, fp32 on CPU
-    # working area ~ size_level^2 pixels; None = the preset's default (full 1024, dev 512)
-    size_level: int | None = Field(None, ge=256, le=2048)
-    dev_seed: int = 0  # seed of the dev preset's random weights
-
-    # --- weights -----------------------------------------------------------------------------------------------
+    preset: Literal["auto", "dev", "full"] = _opt(
+        MODEL, "auto: full when weights are found, else dev; dev = tiny random weights built at start-up (outputs "
+               "are noise); full = the real model", default="auto")
+    dit_path: Path | None = _opt(MODEL, "DiT checkpoint: official file (step1x-edit-*.safetensors), sharded index "
+                                        "json or diffusers transformer/ directory", default=None)
+    vae_path: Path | None = _opt(MODEL, "VAE checkpoint (vae.safetensors or a diffusers vae/ directory)", default=None)
+    encoder_path: Path | None = _opt(MODEL, "Qwen2.5-VL-7B-Instruct directory", default=None)
     # Where `full` finds its weights when the three paths above are not all set (each component separately, first
     # hit wins): the paths > model_dir > the Hugging Face cache > (preset auto) the dev preset. See models/layouts.py.
-    # STEP1X_MODEL_DIR: a diffusers-style directory (Step1X-Edit-v1p1-diffusers: transformer/ vae/ text_encoder/
-    # processor/) or a folder with the official files (step1x-edit-*.safetensors, vae.safetensors,
-    # Qwen2.5-VL-7B-Instruct/), as `step1x-edit download --dir` lays it out.
-    model_dir: Path | None = None
-    hf_cache: bool = True  # STEP1X_HF_CACHE=0: never look in the Hugging Face cache
-    hf_cache_dir: Path | None = None  # None = HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub
-    # Keep the DiT blocks' Linear weights in float8_e4m3fn (upcast per matmul): ~14 GB instead of ~25 GB on the GPU.
-    # FP8 checkpoints load either way (upcast to `dtype` when this is off); bf16 ones are cast to FP8 when on.
-    dit_fp8: bool = False
-
-    def resolved_preset(self) -> str:
-        """`auto` -> `full` when a Step1X-Edit DiT is configured or found (STEP1X_DIT_PATH, STEP1X_MODEL_DIR, the
-        Hugging Face cache), else `dev`. Cheap: file-system lookups only, no torch import."""
-        if self.preset != "auto":
-            return self.preset
-        from .models.layouts import has_weights
-
-        return "full" if has_weights(self) else "dev"
+    model_dir: Path | None = _opt(MODEL, "a diffusers-style directory (Step1X-Edit-v1p1-diffusers) or a folder of "
+                                         "official files, as `download --dir` lays it out", default=None)
+    hf_cache: bool = _opt(MODEL, "look for the weights in the Hugging Face cache", default=True)
+    hf_cache_dir: Path | None = _opt(MODEL, "Hugging Face cache (default HF_HUB_CACHE, else HF_HOME/hub, else "
+                                            "~/.cache/huggingface/hub)", default=None)
+    version: Literal["auto", "v1.0", "v1.1"] = _opt(MODEL, "weights version; auto = detected from the DiT file",
+                                                    default="auto")
+    device: str = _opt(MODEL, "auto (cuda if available) | cpu | cuda | cuda:N", default="auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+        MODEL, "compute dtype; auto = bf16 on GPU, fp32 on CPU", default="auto")
+    size_level: int | None = _opt(MODEL, "working area ~ size_level^2 pixels (default: full 1024, dev 512)",
+                                  default=None, ge=256, le=2048)
+    dev_seed: int = _opt(MODEL, "seed of the dev preset's random weights", default=0)
+    dit_fp8: bool = _opt(MODEL, "keep the DiT blocks' linear weights in float8_e4m3fn (~14 GB instead of ~25 GB; "
+                                "upcast per matmul); FP8 checkpoints load either way", default=False)
 
     # --- server ------------------------------------------------------------------------------------------------
-    # Read by `api/`, `engine/` and `storage/` (`step1x-edit serve`); every field is also a `STEP1X_<NAME>` variable.
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    # Bearer keys: comma-separated (STEP1X_API_KEYS) and/or a file with one key a line (`#` comments). None = open.
-    api_keys: SecretStr | None = None
-    api_keys_file: Path | None = None
-    # /metrics needs one of those keys too (when any is set); 1 = open to anyone who can reach it, as before.
-    metrics_open: bool = False
-    # Admission and batching: jobs waiting for the worker (429 beyond), images per pipeline call (`n` counts),
-    # how long an idle worker waits for companions before starting a batch, and the per-request deadline (504).
-    queue_depth: int = Field(16, ge=1, le=10_000)  # 0 would refuse every request (429), even on an idle server
-    batch_max_images: int = Field(4, ge=1, le=64)
-    batch_wait_ms: float = Field(10.0, ge=0, le=10_000)
-    request_timeout_s: float = Field(600.0, gt=0)
-    shutdown_timeout_s: float = Field(60.0, ge=0)  # graceful shutdown: how long to drain admitted work
-    # Input limits: whole request body, one input image's encoded bytes and decoded pixels, and links.
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    # The whole request body must arrive within this many seconds (408 otherwise): a client trickling its upload
-    # (slow loris) cannot hold a connection and a buffer for long.
-    body_timeout_s: float = Field(60.0, gt=0)
-    # A request's line and headers: at most this many bytes (431) and seconds (408), whatever the HTTP parser
-    # (api/httpserver.py). Unbounded, one 64 MB header stalled every other request for seconds.
-    max_header_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
-    header_timeout_s: float = Field(10.0, gt=0)
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(4096 * 4096, ge=64)
-    image_fetch_timeout_s: float = Field(10.0, gt=0)
-    image_fetch_max_redirects: int = Field(3, ge=0, le=10)
-    # Links to loopback/private/link-local/metadata addresses are refused unless this is set (tests, trusted LANs).
-    allow_private_image_urls: bool = False
-    # Outputs: where `url` responses' files live, how long links stay valid, the base URL put in links
-    # (None = the base URL the request came in on), and the HMAC key (None = a random key kept in storage_dir).
-    storage_dir: Path = Path("data/images")
-    url_expiry_s: int = Field(7 * 24 * 3600, ge=1)
-    public_base_url: str | None = None
-    url_signing_key: SecretStr | None = None
-    janitor_interval_s: float = Field(3600.0, gt=0)
-    # `b64_json` as plain base64 (OpenAI's form, default) or as `data:image/png;base64,…` (the hosted example's form).
-    b64_json_style: Literal["plain", "data_uri"] = "plain"
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    host: str = _opt(SERVER, "interface to listen on", default="127.0.0.1")
+    port: int = _opt(SERVER, "port to listen on", default=8000, ge=0, le=65535)
+    # No flag on purpose: a key on the command line is visible to every user of the machine (`ps`).
+    api_keys: SecretStr | None = _opt(SERVER, "Bearer keys, comma-separated; none = open (with a warning)",
+                                      default=None, cli=False)
+    api_keys_file: Path | None = _opt(SERVER, "file with one API key a line (`#` comments)", default=None)
+    metrics_open: bool = _opt(SERVER, "/metrics open to anyone who can reach it; off = it needs one of the API keys "
+                                      "when keys are configured", default=False)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = _opt(SERVER, "log level", default="info")
+
+    # --- engine ------------------------------------------------------------------------------------------------
+    queue_depth: int = _opt(ENGINE, "jobs that may wait for the worker (429 beyond; at least 1)", default=16, ge=1,
+                            le=10_000)
+    batch_max_images: int = _opt(ENGINE, "images per pipeline call, n included", default=4, ge=1, le=64)
+    batch_wait_ms: float = _opt(ENGINE, "how long an idle worker waits for batch companions", default=10.0, ge=0,
+                                le=10_000)
+    request_timeout_s: float = _opt(ENGINE, "seconds before a request gives 504", default=600.0, gt=0,
+                                    flag="--request-timeout")
+    shutdown_timeout_s: float = _opt(ENGINE, "graceful shutdown: how long to drain admitted work", default=60.0, ge=0)
+
+    # --- input limits ------------------------------------------------------------------------------------------
+    max_body_bytes: int = _opt(LIMITS, "largest request body (413 beyond)", default=32 * 1024 * 1024, ge=1024)
+    body_timeout_s: float = _opt(LIMITS, "the whole request body must arrive within this many seconds (408 "
+                                         "otherwise): a trickled upload cannot hold a connection", default=60.0, gt=0,
+                                 flag="--body-timeout")
+    max_header_bytes: int = _opt(LIMITS, "a request's line and headers: at most this many bytes (431), whatever "
+                                         "the HTTP parser", default=64 * 1024, ge=4096, le=16 * 1024 * 1024)
+    header_timeout_s: float = _opt(LIMITS, "a request's line and headers must arrive within this many seconds (408)",
+                                   default=10.0, gt=0)
+    max_image_bytes: int = _opt(LIMITS, "largest input image file", default=20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = _opt(LIMITS, "largest input image in pixels", default=4096 * 4096, ge=64)
+    image_fetch_timeout_s: float = _opt(LIMITS, "seconds to fetch an image link", default=10.0, gt=0)
+    image_fetch_max_redirects: int = _opt(LIMITS, "redirects followed when fetching an image link", default=3, ge=0,
+                                          le=10)
+    allow_private_image_urls: bool = _opt(LIMITS, "let image links point at loopback/private/link-local addresses "
+                                                  "(tests, trusted networks only)", default=False)
+
+    # --- outputs -----------------------------------------------------------------------------------------------
+    storage_dir: Path = _opt(OUTPUTS, "where url outputs are kept", default=Path("data/images"))
+    url_expiry_s: int = _opt(OUTPUTS, "seconds a url link stays valid (7 days)", default=7 * 24 * 3600, ge=1,
+                             flag="--url-expiry")
+    public_base_url: str | None = _opt(OUTPUTS, "base URL put in links (default: the request's own)", default=None)
+    url_signing_key: SecretStr | None = _opt(OUTPUTS, "HMAC key of links (default: a random key kept in the storage "
+                                                      "directory)", default=None, cli=False)
+    janitor_interval_s: float = _opt(OUTPUTS, "seconds between sweeps of expired outputs", default=3600.0, gt=0)
+    b64_json_style: Literal["plain", "data_uri"] = _opt(
+        OUTPUTS, "b64_json as plain base64 (OpenAI's form) or as data:image/png;base64,... (the hosted example's)",
+        default="plain", flag="--b64-style")
 
     # --- performance -------------------------------------------------------------------------------------------
-    # Applied by `models/fastpath.apply_performance` at the end of `build_pipeline`; all off by default.
-    # Exact (same function up to bf16 rounding): fused q/k/v projections, regional torch.compile of the DiT blocks
-    # (with a warm-up per size level at start-up; None = the size_level, [] = none), the DiT attention kernel
-    # (native | cudnn | flash | efficient | math | flash-attn | flash-attn-3 | sage | xformers), VAE channels_last.
-    fuse_qkv: bool = False
-    compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    compile_warmup_sizes: list[int] | None = None
-    attention_backend: str = "native"
-    vae_bf16: bool = False  # VAE in bf16 (official v1.0 decodes in fp32)
-    vae_channels_last: bool = False
-    # Approximate, opt-in: first-block step cache (skip the rest of the DiT when the first block's residual changed
-    # by less than this relative L1 since the last full step; 0 = off) and float8 matmuls (torchao dynamic float8
-    # quantisation of the DiT blocks' linears; needs torchao and an fp8-capable GPU; unlike `dit_fp8`, which only
-    # stores the weights in float8, this changes the arithmetic; the two combine).
-    step_cache_threshold: float = Field(0.0, ge=0.0, le=1.0)
-    fp8_dynamic: bool = False
-    # Memory: `model` keeps encoder / DiT / VAE on the CPU and moves each to the device only while it runs.
-    offload: Literal["none", "model"] = "none"
+    # Applied by `pipeline/edit.build_pipeline` through `models/fastpath.py`; all off by default.
+    fuse_qkv: bool = _opt(PERF, "fused q/k/v projections (exact)", default=False)
+    compile: bool = _opt(PERF, "torch.compile the repeated DiT blocks, warmed up at start-up (exact; minutes of "
+                               "start-up)", default=False)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _opt(
+        PERF, "torch.compile mode (reduce-overhead = CUDA graphs)", default="default")
+    compile_warmup_sizes: list[int] | None = _opt(
+        PERF, "size levels to warm up at start-up, comma-separated (default: the size level; empty = none)",
+        default=None)
+    attention_backend: str = _opt(PERF, "DiT attention kernel: native (PyTorch's choice) | cudnn | flash | efficient "
+                                        "| math | flash-attn | flash-attn-3 | sage | xformers", default="native")
+    vae_bf16: bool = _opt(PERF, "VAE in bf16 (official v1.0 decodes in fp32)", default=False)
+    vae_channels_last: bool = _opt(PERF, "VAE in channels_last memory format (exact)", default=False)
+    # Approximate, opt-in: diffusers' step-cache hooks on the DiT blocks (see models/fastpath.py).
+    step_cache: Literal["none", "first_block", "taylorseer", "magcache"] = _opt(
+        PERF, "skip DiT work on some steps (approximate): first_block = skip the other blocks when the first "
+              "block's residual changed by less than the threshold; taylorseer = predict block outputs by Taylor "
+              "series between full steps; magcache = skip by accumulated magnitude ratios (needs "
+              "step_cache_mag_ratios)", default="none")
+    step_cache_threshold: float = _opt(PERF, "first_block: relative L1 change below which a step is skipped; "
+                                             "magcache: accumulated error bound", default=0.05, gt=0.0, le=1.0)
+    step_cache_interval: int = _opt(PERF, "taylorseer: steps between full computations", default=5, ge=1, le=50)
+    step_cache_warmup_steps: int = _opt(PERF, "taylorseer: first steps always computed in full", default=3, ge=0,
+                                        le=50)
+    step_cache_mag_ratios: str | None = _opt(
+        PERF, "magcache: the model's per-step magnitude ratios, comma-separated, or `flux` (FLUX.1-dev's, not "
+              "calibrated for Step1X-Edit) or `calibrate` (skip nothing, log the ratios of each run)", default=None)
+    fp8_dynamic: bool = _opt(PERF, "float8 matmuls: torchao dynamic quantisation of the DiT linears (needs torchao "
+                                   "and an fp8 GPU; combines with dit_fp8; approximate)", default=False)
+    offload: Literal["none", "model"] = _opt(PERF, "model = encoder/DiT/VAE kept on the CPU, each moved to the GPU "
+                                                   "only while it runs", default="none")
+
+
+PERFORMANCE_FIELDS = tuple(n for n, f in Settings.model_fields.items() if (f.json_schema_extra or {}).get("group") == PERF)
