@@ -112,6 +112,14 @@ def test_fp8_without_torchao_or_gpu_is_a_clear_error():
         fastpath.quantize_fp8_(dit, "cpu")
 
 
+def test_fp8_dynamic_with_another_dtype_is_refused_before_loading():
+    """torchao's float8 kernels take bf16 activations (fp16/fp32 tripped an assertion inside torchao at start-up):
+    refused with the fix named, before any weight is loaded."""
+    for dtype in ("auto", "float32", "float16"):  # auto on the CPU = float32
+        with pytest.raises(ValueError, match="fp8_dynamic needs dtype bfloat16"):
+            build_pipeline(Settings(preset="dev", device="cpu", dtype=dtype, fp8_dynamic=True))
+
+
 def test_vae_channels_last_fp32_same_function():
     vae = presets.build_dev_vae()
     g = torch.Generator().manual_seed(1)
@@ -180,8 +188,38 @@ def test_exact_options_together_give_the_same_edit(plain_result):
 def test_offload_moves_components_in_order_and_changes_nothing(plain_result):
     pipe = build_pipeline(Settings(preset="dev", size_level=256, device="cpu", offload="model"))
     (res,) = pipe.run([_req()])
-    assert pipe.offload.loads == ["vae", "encoder", "dit", "vae"]  # encode, condition, denoise, decode
+    assert pipe.offload.loads == ["vae", "encoder", "dit"]  # encode, condition, denoise; the VAE stays for decode
     assert np.array_equal(_pixels(res), _pixels(plain_result))
+
+
+def test_offload_previews_never_evict_the_dit(plain_pipe):
+    """A preview decode between steps uses the VAE, which stays on the device: the DiT comes in once per call
+    instead of once per preview (it used to go back to the host for every preview and come again)."""
+    pipe = build_pipeline(Settings(preset="dev", size_level=256, device="cpu", offload="model"))
+    previews = []
+    (res,) = pipe.run([_req(steps=6, partial_images=3)], on_preview=lambda j, p: previews.append(p.step))
+    assert previews == sampling.preview_steps(6, 3) == [2, 3, 4]
+    assert pipe.offload.loads == ["vae", "encoder", "dit"]
+    (again,) = pipe.run([_req(steps=6, partial_images=3)], on_preview=lambda j, p: None)
+    assert pipe.offload.loads == ["vae", "encoder", "dit", "encoder", "dit"]  # next call: encoder, then DiT again
+    assert np.array_equal(_pixels(res), _pixels(again))
+
+
+def test_offload_eviction_points_back_at_one_host_copy():
+    """Weights never change, so eviction copies nothing back: the parameters point at the host copy made once.
+    (The `meta` device stands in for the accelerator: it holds no data, so a value that survives the round
+    trip can only have come from that host copy.)"""
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    weights = a.weight.detach().clone()
+    off = fastpath.ComponentOffload("meta", "cpu")
+    off.add("a", a, [a])
+    off.add("b", b, [b])
+    host_ptr = a.weight.data_ptr()
+    off.load("a")
+    assert a.weight.device.type == "meta" and off.resident == "a"
+    off.load("b")  # a goes back: same host storage, same values
+    assert a.weight.device.type == "cpu" and a.weight.data_ptr() == host_ptr and torch.equal(a.weight, weights)
+    assert b.weight.device.type == "meta" and off.loads == ["a", "b"]
 
 
 def test_offload_hooks_load_on_call_and_come_off():

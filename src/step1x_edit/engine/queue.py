@@ -76,12 +76,15 @@ class JobQueue:
             self._jobs.append(job)
             self._cond.notify_all()
 
-    def take_batch(self, max_images: int, wait_s: float = 0.0, idle_timeout: float | None = None) -> list[Job] | None:
+    def take_batch(self, max_images: int, wait_s: float = 0.0, idle_timeout: float | None = None,
+                   limit: Callable[[Hashable], int | None] | None = None) -> list[Job] | None:
         """Block until a job is waiting; return it with compatible later jobs (same key) within `max_images`.
 
         The oldest job always goes, even when its own `n` exceeds the budget. With `wait_s` > 0 the batch waits
-        that long for companions when it is not yet full. Returns None once closed and empty (the worker exits),
-        or an empty list when `idle_timeout` passes with nothing to do.
+        that long for companions when it is not yet full. `limit(key)` may lower the budget for that key (the
+        pipeline's estimate of what fits in the device's free memory at that working size; None = no lower
+        limit). Returns None once closed and empty (the worker exits), or an empty list when `idle_timeout`
+        passes with nothing to do.
         """
         with self._cond:
             while True:
@@ -93,6 +96,10 @@ class JobQueue:
                 if not self._cond.wait(idle_timeout) and idle_timeout is not None:
                     return []
             first = self._jobs.popleft()
+            if limit is not None:
+                fits = limit(first.key)
+                if fits is not None and fits < max_images:
+                    max_images = max(1, fits)
             batch, total = [first], first.images
             deadline = time.monotonic() + wait_s
             while True:

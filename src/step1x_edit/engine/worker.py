@@ -38,7 +38,8 @@ class PipelineLike(Protocol):
     """Everything the engine asks of `pipeline.edit.EditPipeline`: prepare a request at admission (any thread;
     ValueError = the client's mistake), run a batch of prepared requests with equal keys on the worker thread
     (reporting steps and previews, stopping between steps when asked: `Cancelled`), describe itself, and free
-    memory after an out-of-memory error."""
+    memory after an out-of-memory error. Optionally `max_images(key)`: how many images one call may hold for
+    that batch key (the device's free memory at that working size); the engine then batches below its setting."""
 
     def prepare(self, request: EditRequest) -> PreparedEdit: ...
     def run(self, batch: list[PreparedEdit], *, on_step: StepCallback | None = None,
@@ -159,7 +160,7 @@ class Engine:
         finally:
             self._loaded.set()
         while True:
-            batch = self.queue.take_batch(self.batch_max_images, self.batch_wait_s)
+            batch = self.queue.take_batch(self.batch_max_images, self.batch_wait_s, limit=self._fits)
             if batch is None:
                 break
             live = [j for j in batch if j.future.set_running_or_notify_cancel()]
@@ -172,6 +173,18 @@ class Engine:
                     _settle(job, exc=RuntimeError(f"worker error: {exc!r}"))
                 self._running = []
         log.info("worker stopped")
+
+    def _fits(self, key: Any) -> int | None:
+        """The pipeline's own limit on images per call for this batch key (`max_images`, when it has one: it
+        knows the device's free memory and what a working size needs); None = only `batch_max_images`."""
+        estimate = getattr(self.pipeline, "max_images", None)
+        if estimate is None:
+            return None
+        try:
+            return estimate(key)
+        except Exception:  # noqa: BLE001 - an estimate must never stop the worker
+            log.exception("max_images(%r) failed; batching by batch_max_images alone", key)
+            return None
 
     def _run_batch(self, batch: list[Job]) -> None:
         now = time.monotonic()

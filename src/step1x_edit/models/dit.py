@@ -297,6 +297,14 @@ class Step1XEditTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         for block in self.transformer_blocks:
             encoder, hidden = block(hidden_states=hidden, encoder_hidden_states=encoder, temb=temb,
                                     image_rotary_emb=rotary, joint_attention_kwargs=joint_attention_kwargs)
+        # A single-stream block returns views into its joined [text; image] sequence (batch stride = the joined
+        # length). Handing the first block such views too (one concatenation, as the block itself does) gives
+        # every single block the same input strides: one compiled graph instead of two (torch.compile guards on
+        # strides). The values are the same.
+        if len(self.single_transformer_blocks):
+            n_txt = encoder.shape[1]
+            joint = torch.cat([encoder, hidden], dim=1)
+            encoder, hidden = joint[:, :n_txt], joint[:, n_txt:]
         for block in self.single_transformer_blocks:
             encoder, hidden = block(hidden_states=hidden, encoder_hidden_states=encoder, temb=temb,
                                     image_rotary_emb=rotary, joint_attention_kwargs=joint_attention_kwargs)

@@ -165,14 +165,46 @@ def set_attention_backend_(dit: nn.Module, name: str) -> str:
     return value
 
 
-def compile_blocks_(dit: nn.Module, mode: str = "default", fullgraph: bool = False, dynamic: bool | None = None) -> int:
+# Enough room for the graphs one server compiles (block classes x {batch 1, batch >= 2} x compile variants); past
+# torch's default of 8 dynamo would silently run the blocks eager for every new shape.
+RECOMPILE_LIMIT = 64
+
+
+def compile_blocks_(dit: nn.Module, mode: str = "default", fullgraph: bool = False, dynamic: bool | None = True,
+                    backend: Any = None) -> int:
     """Regional compilation (diffusers' `compile_repeated_blocks`: `module.compile()` on each block named in
-    `_repeated_blocks`); the embedders, the connector and the output head stay eager. Returns the block count."""
+    `_repeated_blocks`); the embedders, the connector and the output head stay eager. Returns the block count.
+
+    `dynamic=True` (default): the batch and token dimensions are symbolic from the first call, so one graph per block
+    class serves every working size, aspect ratio and batch of two or more rows; batch 1 (guidance off, n=1) gets a
+    second graph (torch specialises sizes 0 and 1). Left to torch (`None`), the first shape compiles static and
+    the second recompiles dynamic, and every batch size on the way adds another. Duck sizing is turned off: with it
+    a token count that happens to equal a model width (e.g. 3072 tokens, 512x768) would be fused with that static
+    width and recompile static. The recompile limit is raised to RECOMPILE_LIMIT (dynamo's default of 8 would,
+    once hit, run new shapes eager without an error). `backend` is for tests (e.g. a graph-counting backend)."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    if dynamic:
+        fx_config.use_duck_shape = False
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, name)))
     kwargs: dict[str, Any] = {"fullgraph": fullgraph, "dynamic": dynamic}
     if mode != "default":
         kwargs["mode"] = mode
+    if backend is not None:
+        kwargs["backend"] = backend
     dit.compile_repeated_blocks(**kwargs)
     return len(_blocks(dit))
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has produced in this process so far (dynamo's own counter): a number that grows while
+    serving means a request compiled (the worker stalled for it)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _fp8_filter(module: nn.Module, fqn: str) -> bool:
@@ -339,31 +371,59 @@ class ComponentOffload:
 
     Written here rather than diffusers' `enable_model_cpu_offload`, which belongs to a `DiffusionPipeline` (this
     project's pipeline is not one) and moves components in a fixed sequence; here the first call decides.
+
+    - A `keep` component (the VAE: 0.3 GB) comes to the device on first use and stays, evicting nothing: a preview
+      decode between two denoising steps would otherwise send the 25 GB DiT back to the host and fetch it again.
+    - Each component's weights have one host copy, made once (in page-locked memory when the execution device is
+      CUDA, so uploads run at full bus speed and asynchronously); eviction only points the parameters back at it
+      (weights never change, so nothing is copied back).
     `loads` records the order in which components were brought in (for logs and tests).
     """
 
     def __init__(self, execution_device: torch.device | str, offload_device: torch.device | str = "cpu"):
         self.execution_device = torch.device(execution_device)
         self.offload_device = torch.device(offload_device)
+        self.pin = self.execution_device.type == "cuda" and self.offload_device.type == "cpu"
         self.components: dict[str, nn.Module] = {}
+        self.kept: set[str] = set()
+        self.on_device: set[str] = set()
         self.resident: str | None = None
         self.loads: list[str] = []
+        self._host: dict[str, dict[tuple[int, str, str], torch.Tensor]] = {}
         self._handles: list[Any] = []
 
-    def add(self, name: str, component: nn.Module, triggers: Sequence[nn.Module]) -> None:
+    def add(self, name: str, component: nn.Module, triggers: Sequence[nn.Module], keep: bool = False) -> None:
         component.to(self.offload_device)
+        if self.pin:
+            component._apply(lambda t: t.pin_memory())
+        self._host[name] = {key: t for key, t in _tensor_slots(component)}
         self.components[name] = component
+        if keep:
+            self.kept.add(name)
         for module in triggers:
             self._handles.append(module.register_forward_pre_hook(partial(self._before, name), with_kwargs=True))
 
     def load(self, name: str) -> None:
-        if self.resident == name:
+        if name in self.on_device:
             return
-        if self.resident is not None:
-            self.components[self.resident].to(self.offload_device)
-        self.components[name].to(self.execution_device)
-        self.resident = name
+        if name not in self.kept:
+            if self.resident is not None:
+                self._to_host(self.resident)
+            self.resident = name
+        self._to_device(name)
         self.loads.append(name)
+
+    def _to_device(self, name: str) -> None:
+        host = self._host[name]
+        for module, kind, attr, _ in _slots(self.components[name]):
+            _set(module, kind, attr, host[(id(module), kind, attr)].to(self.execution_device, non_blocking=self.pin))
+        self.on_device.add(name)
+
+    def _to_host(self, name: str) -> None:
+        host = self._host[name]
+        for module, kind, attr, _ in _slots(self.components[name]):
+            _set(module, kind, attr, host[(id(module), kind, attr)])
+        self.on_device.discard(name)
 
     def _move(self, x: Any) -> Any:
         return x.to(self.execution_device) if isinstance(x, torch.Tensor) and x.device != self.execution_device else x
@@ -378,6 +438,33 @@ class ComponentOffload:
         self._handles.clear()
 
 
+def _slots(module: nn.Module) -> Any:
+    """(owner module, "param" | "buffer", attribute name, tensor) of every parameter and buffer."""
+    for m in module.modules():
+        for attr, p in m._parameters.items():
+            if p is not None:
+                yield m, "param", attr, p
+        for attr, b in m._buffers.items():
+            if b is not None:
+                yield m, "buffer", attr, b
+
+
+def _tensor_slots(module: nn.Module) -> Any:
+    for m, kind, attr, t in _slots(module):
+        yield (id(m), kind, attr), t.detach()
+
+
+def _set(module: nn.Module, kind: str, attr: str, value: torch.Tensor) -> None:
+    if kind == "param":
+        param = module._parameters[attr]
+        if torch._has_compatible_shallow_copy_type(param, value):
+            param.data = value  # the same Parameter object (what nn.Module.to does)
+        else:  # e.g. an accelerator whose tensors are of another type: a new Parameter, as nn.Module._apply does
+            module._parameters[attr] = nn.Parameter(value, requires_grad=param.requires_grad)
+    else:
+        module._buffers[attr] = value
+
+
 def encoder_module(conditioner: Any) -> tuple[nn.Module, nn.Module]:
     """(the encoder's weights holder, the module the conditioner calls) of a Step1XConditioner."""
     model = conditioner.model
@@ -390,7 +477,7 @@ def enable_offload(dit: nn.Module, vae: nn.Module, conditioner: Any, device: tor
     enc, enc_call = encoder_module(conditioner)
     off.add("encoder", enc, [enc_call])
     off.add("dit", dit, [dit])
-    off.add("vae", vae, [vae.encoder, vae.decoder])
+    off.add("vae", vae, [vae.encoder, vae.decoder], keep=True)  # small: stays once it came (previews, decode)
     return off
 
 

@@ -24,7 +24,7 @@ from ..models.encoder import Step1XConditioner, build_dev_conditioner, load_cond
 from ..models.layouts import V12_REFUSED, resolve_preset, resolve_weights
 from ..models.weights import load_dit, load_vae
 from ..settings import Settings
-from . import imaging, sampling
+from . import imaging, memory, sampling
 from .types import (
     MAX_SEED,
     RANDOM_SEED_LIMIT,
@@ -46,10 +46,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a host clock read without this credits a
+    stage's kernels to whichever later stage first waits for them). A no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def warmup_shapes(max_images: int) -> list[tuple[int, bool]]:
+    """(n, guided) pairs a warm-up runs so that every batch the server forms finds its compiled graph: batch 1
+    (n=1, guidance off), batch 2 (n=1, guided; the dynamic graph of every batch >= 2) and the largest batch."""
+    shapes = [(1, False), (1, True)]
+    if max_images > 1:
+        shapes.append((max_images, True))
+    return shapes
 
 
 class EditPipeline:
@@ -76,6 +92,7 @@ class EditPipeline:
         self.perf = perf or fastpath.PerfOptions()  # what build_pipeline applied (for info and logs)
         self.step_cache = step_cache  # diffusers' step-cache hooks on the DiT, when one is on
         self.offload = offload  # model offloading, when on
+        self._graphs: int | None = None  # compiled graphs after the warm-up (compile only)
 
     def info(self) -> dict:
         out = {
@@ -167,6 +184,7 @@ class EditPipeline:
 
         def lap(stage: str) -> None:
             nonlocal clock
+            device_sync(self.device)  # one synchronisation per stage, so each stage's time is its own
             now = time.perf_counter()
             timings[stage] = timings.get(stage, 0.0) + now - clock
             clock = now
@@ -213,8 +231,13 @@ class EditPipeline:
             on_step=on_step, should_stop=should_stop, on_x0=on_x0, x0_at=x0_at,
         )
         lap("denoise")
+        if self._graphs is not None and fastpath.compiled_graphs() > self._graphs:
+            log.warning("this batch compiled %d new graph(s) on the worker (working size %dx%d, %d DiT rows): "
+                        "requests waited for it; warm this size up (compile_warmup_sizes)",
+                        fastpath.compiled_graphs() - self._graphs, *prepared[0].key[:2], len(per_image) * (1 + guided))
+            self._graphs = fastpath.compiled_graphs()
 
-        decoded = vae_ops.decode(self.vae, result.latent.to(self.vae_dtype))
+        decoded = self._decode(result.latent)
         outs = [imaging.tensor_to_pil(img) for img in decoded]
         lap("vae_decode")
 
@@ -230,18 +253,49 @@ class EditPipeline:
             res.timings = dict(timings)
         return results
 
-    def warmup(self, size_levels: Iterable[int], guided: bool = True, steps: int = 1) -> dict[int, float]:
-        """One short edit per working-size bucket (square input of that size), so that compilation (and any lazy
-        kernel selection) happens at start-up rather than in the first requests. Returns seconds per size."""
+    def warmup(self, size_levels: Iterable[int], steps: int = 1, max_images: int = 1,
+               shapes: Sequence[tuple[int, bool]] | None = None) -> dict[int, float]:
+        """Short edits (square input, `steps` steps) at each size level, one per batch shape the server will run,
+        so that compilation (and lazy kernel selection) happens at start-up rather than on the worker while
+        requests wait. `shapes`: (n, guided) pairs; default `warmup_shapes(max_images)`: n=1 without guidance
+        (batch 1, its own compiled graph), n=1 with it (batch 2: the graph every larger batch reuses, its token
+        and batch dimensions being dynamic) and n=max_images with it (the largest batch: its memory is tried
+        too). With a compiled DiT a request that still compiles is logged by `run`. Returns seconds per size."""
         took = {}
+        self._graphs = None  # compiling is what a warm-up is for: not logged
         for level in size_levels:
             image = Image.new("RGB", (int(level), int(level)), (128, 128, 128))
-            req = EditRequest(image=image, prompt="warm-up", steps=steps, strength=1.0, seed=0,
-                              guidance_scale=2.5 if guided else 1.0, size_level=int(level))
             start = time.perf_counter()
-            self.run([req])
+            for n, guided in (warmup_shapes(max_images) if shapes is None else shapes):
+                req = EditRequest(image=image, prompt="warm-up", steps=steps, strength=1.0, seed=0, n=n,
+                                  guidance_scale=2.5 if guided else 1.0, size_level=int(level))
+                self.run([req])
             took[int(level)] = time.perf_counter() - start
+        if self.perf.compile:
+            self._graphs = fastpath.compiled_graphs()
+            log.info("warm-up: %d compiled graphs", self._graphs)
         return took
+
+    def max_images(self, key: tuple) -> int | None:
+        """Images one call may hold for batch key `key` (working size, guidance), from the device's free memory
+        (see `memory.max_images`); None off CUDA (no limit but the engine's setting)."""
+        free = memory.free_device_bytes(self.device)
+        if free is None:
+            return None
+        w, h, guided = key[0], key[1], key[4]
+        return memory.max_images(free, h, w, guided, hidden=self.dit.inner_dim, dtype_bytes=self.dtype.itemsize,
+                                 vae_dtype_bytes=self.vae_dtype.itemsize,
+                                 base_channels=self.vae.config.block_out_channels[0])
+
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """VAE decode in chunks that fit the device's free memory (all at once off CUDA)."""
+        chunk = None
+        free = memory.free_device_bytes(self.device)
+        if free is not None:
+            up = 2 ** (len(self.vae.config.block_out_channels) - 1)  # latent -> pixels
+            h, w = latent.shape[-2] * up, latent.shape[-1] * up
+            chunk = memory.decode_chunk(free, h, w, self.vae_dtype.itemsize, self.vae.config.block_out_channels[0])
+        return vae_ops.decode(self.vae, latent.to(self.vae_dtype), chunk=chunk)
 
     def _previewer(self, prepared: list[PreparedEdit], on_preview: PreviewCallback):
         """`on_x0` / `x0_at` for `sampling.sample`: decode only the rows of the requests that want a preview at
@@ -260,7 +314,7 @@ class EditPipeline:
                 if w:
                     rows.extend(range(k, k + len(p.seeds)))
                 k += len(p.seeds)
-            decoded = vae_ops.decode(self.vae, x0[torch.tensor(rows, device=x0.device)].to(self.vae_dtype))
+            decoded = self._decode(x0[torch.tensor(rows, device=x0.device)])
             pictures = iter([imaging.tensor_to_pil(img) for img in decoded])
             for j, (p, w) in enumerate(zip(prepared, want)):
                 if w:
@@ -300,6 +354,9 @@ def build_pipeline(settings: Settings) -> EditPipeline:
     opts.validate()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    if opts.fp8_dynamic and dtype != torch.bfloat16:  # before minutes of weight loading, not after
+        raise ValueError(f"fp8_dynamic needs dtype bfloat16 (torchao's float8 kernels take bf16 activations), "
+                         f"not {str(dtype).removeprefix('torch.')}; set dtype=bfloat16 or turn fp8_dynamic off")
     preset = resolve_preset(settings)
     size_level = settings.size_level or presets.DEFAULT_SIZE_LEVEL[preset]
     if preset == "dev":
@@ -346,6 +403,6 @@ def build_pipeline(settings: Settings) -> EditPipeline:
     if opts.compile:
         sizes = (size_level,) if opts.compile_warmup_sizes is None else opts.compile_warmup_sizes
         if sizes:
-            took = pipe.warmup(sizes)
+            took = pipe.warmup(sizes, max_images=settings.batch_max_images)
             log.info("compile warm-up: %s", ", ".join(f"{s}: {t:.1f} s" for s, t in took.items()))
     return pipe
