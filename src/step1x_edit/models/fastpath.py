@@ -218,31 +218,28 @@ def _fp8_filter(module: nn.Module, fqn: str) -> bool:
     )
 
 
-def _upcast_fp8_storage_(dit: nn.Module, dtype: torch.dtype) -> int:
-    """Linears whose weights are stored in float8 (the loader's `dit_fp8`) back to plain Linears in `dtype`
-    (exact: every float8_e4m3fn value is a bf16 value), so torchao can quantise them with its own scales."""
+def use_scaled_mm_(dit: nn.Module) -> int:
+    """The token-wise linears whose weights are stored in float8 (the loader's `dit_fp8`: `FP8Linear`) run their
+    matmuls in float8 on those weights as they are (`FP8Linear.scaled_mm`); returns how many. The modulation
+    linears keep the exact upcast (one row per sample: nothing to gain)."""
+    from .weights import FP8Linear
+
     n = 0
-    for module in dit.modules():
-        if isinstance(module, nn.Linear) and module.weight.dtype == torch.float8_e4m3fn:
-            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
-            if module.bias is not None and module.bias.dtype != dtype:
-                module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-            module.__class__ = nn.Linear
+    for name, module in dit.named_modules():
+        if isinstance(module, FP8Linear) and _fp8_filter(module, name):
+            module.scaled_mm = True
             n += 1
     return n
 
 
 def quantize_fp8_(dit: nn.Module, device: torch.device | str | None = None) -> int:
-    """torchao float8 dynamic activation + float8 weight quantisation (per-row scales) of the blocks' linears:
-    the matmuls run on the float8 tensor cores. Weights stored in float8 by `dit_fp8` are taken as they are
-    (upcast, then re-scaled per row by torchao). `set_inductor_config=False`: torchao's default would switch on
-    slow inductor tuning for the whole process (every later compile)."""
-    try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
-        from torchao.quantization.granularity import PerRow
-    except Exception as e:  # noqa: BLE001 - ImportError, or a torchao built for another torch failing on import
-        raise RuntimeError(f"fp8_dynamic needs torchao (pip install torchao; not a dependency of this package): "
-                           f"{type(e).__name__}: {e}") from e
+    """Float8 matmuls (approximate) in the blocks' token-wise linears, returns how many: bf16 linears get torchao's
+    float8 dynamic activation + float8 weight quantisation (per-row scales); linears whose weights `dit_fp8`
+    already stores in float8 use them as they are (`use_scaled_mm_`: no upcast to a 25 GB bf16 copy first, no
+    second rounding). `set_inductor_config=False`: torchao's default would switch on slow inductor tuning for the
+    whole process (every later compile)."""
+    from .weights import FP8Linear
+
     dev = torch.device(device) if device is not None else next(dit.parameters()).device
     if dev.type != "cuda":
         raise RuntimeError(f"fp8_dynamic needs a CUDA GPU with float8 support (compute capability 8.9+), not {dev}")
@@ -253,11 +250,26 @@ def quantize_fp8_(dit: nn.Module, device: torch.device | str | None = None) -> i
     if dtype != torch.bfloat16:
         raise RuntimeError(f"fp8_dynamic needs the DiT in bfloat16 (torchao's float8 kernels), not {dtype}; "
                            "set dtype=bfloat16")
-    _upcast_fp8_storage_(dit, dtype)
-    count = sum(_fp8_filter(m, n) for n, m in dit.named_modules())
-    quantize_(dit, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
-              filter_fn=_fp8_filter, device=dev)
-    return count
+
+    def plain(module: nn.Module, fqn: str) -> bool:
+        return not isinstance(module, FP8Linear) and _fp8_filter(module, fqn)
+
+    count = sum(plain(m, n) for n, m in dit.named_modules())
+    if count:
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+            from torchao.quantization.granularity import PerRow
+        except Exception as e:  # noqa: BLE001 - ImportError, or a torchao built for another torch failing on import
+            raise RuntimeError(f"fp8_dynamic needs torchao (pip install torchao; not a dependency of this "
+                               f"package): {type(e).__name__}: {e}") from e
+        quantize_(dit, fp8_config(Float8DynamicActivationFloat8WeightConfig, PerRow), filter_fn=plain, device=dev)
+    return count + use_scaled_mm_(dit)
+
+
+def fp8_config(config_class: Any, per_row: Any) -> Any:
+    """torchao's float8 dynamic config as this project uses it: per-row scales, and inductor's global settings
+    left alone (torchao's `set_inductor_config=True` default turns on slow tuning for every later compile)."""
+    return config_class(granularity=per_row(), set_inductor_config=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -495,6 +507,7 @@ __all__ = [
     "fuse_qkv_",
     "mag_ratios",
     "quantize_fp8_",
+    "use_scaled_mm_",
     "resolve_attention_backend",
     "set_attention_backend_",
     "vae_fast_",
