@@ -133,6 +133,17 @@ def test_fp8_without_torchao_or_gpu_is_a_clear_error():
         fastpath.quantize_fp8_(dit, "cpu")
 
 
+def test_torchao_config_leaves_inductor_settings_alone():
+    """torchao's `set_inductor_config=True` default switches on slow inductor tuning for the whole process, so every
+    compile after an fp8 quantisation was slow (the benchmark quantised before compiling)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+    from torchao.quantization.granularity import PerRow
+
+    config = fastpath.fp8_config(Float8DynamicActivationFloat8WeightConfig, PerRow)
+    assert config.set_inductor_config is False and all(isinstance(g, PerRow) for g in config.granularity)
+    assert Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()).set_inductor_config is True  # the default
+
+
 def test_fp8_dynamic_with_another_dtype_is_refused_before_loading():
     """torchao's float8 kernels take bf16 activations (fp16/fp32 tripped an assertion inside torchao at start-up):
     refused with the fix named, before any weight is loaded."""

@@ -1,39 +1,51 @@
-"""`step1x-edit bench`: the full-size model with random weights, timed per stage, against diffusers' FLUX stack.
+"""`step1x-edit bench`: the full-size model with random weights, timed on one device, against diffusers' FLUX DiT.
 
-Cost does not depend on the weights' values, so the benchmark builds every part directly on the device with random
-weights (never on the host): the Qwen2.5-VL-7B encoder from its published config, the connector + 12B DiT (v1.1
-layout), the FLUX VAE; and, as the baseline, diffusers' `FluxTransformer2DModel` with the same dimensions in plain
-eager bf16 with PyTorch SDPA (what the diffusers port of Step1X-Edit runs). One run:
+Cost does not depend on the weights' values, so every part is built directly on the device with random weights
+(never on the host): Qwen2.5-VL-7B from its published config, the connector + 12B DiT (v1.1 layout), the FLUX VAE;
+and, as the baseline, diffusers' `FluxTransformer2DModel` of the same dimensions in plain eager bf16 with PyTorch
+SDPA (what the diffusers port of Step1X-Edit runs). The measurement groups (`--modes`, in this order):
 
-1. environment, bf16 matmul ceiling (large GEMMs timed here), attention-backend micro-benchmark (picks the fastest);
-2. parity: a full-width, reduced-depth DiT in fp32 on the device against each fast variant in bf16 (relative error);
-3. baseline: DiT time per step at each working size (batch 2 = CFG, 640 text tokens + target + reference tokens);
-4. for each mode, applied cumulatively to our pipeline (eager -> fused QKV -> best SDPA backend -> regional compile
-   with VAE bf16 + channels_last -> step cache -> FP8): DiT time per step on the same shapes (MFU, speed-up over
-   the baseline, host syncs per step), then full edits at each size for each step count (encoder, VAE encode, DiT
-   per step, VAE decode, end to end, peak memory);
-5. markdown tables, printed last and written to --out (with machine, versions, command and date); a log beside it.
+baseline   the diffusers DiT, one call at each size (batch 2 = one image with CFG);
+eager      our DiT, same shapes (MFU, host syncs per step), then whole edits (`--steps`, default 28 and 20);
+attention  diffusers' attention backends timed on the DiT's shapes; the fastest goes on for what follows;
+fused      fused QKV projections;
+vae        VAE decode of one image, fp32 against bf16 + channels_last (measured apart: nothing else is credited);
+compile    regional torch.compile of the DiT blocks (warm-up time, DiT call, whole edits);
+http       the real HTTP server on this device with this pipeline: one request of each `--http-n` (latency,
+           peak memory, the server's stage times);
+fp8        float8 matmuls (torchao) on an uncompiled copy of the DiT (error vs bf16; the exact model stays as it
+           was), then, with compile, the copy compiled too (`...+fp8+compile`) and whole edits;
+cache      (opt-in) the first-block step cache: with random weights it never skips, so it only costs time;
+parity     bf16 variants against fp32 on a full-width, reduced-depth DiT.
 
-`--tiny` runs the same code on the CPU with the dev dimensions in fp32 (a smoke test, not a performance number).
+After every row the markdown report and its JSON twin are rewritten (`bench_report.py`), so a run killed at a
+time limit leaves every row it finished; with `--budget-s` a measurement only starts when the longest one so far
+(or its own estimate: a first compile) still fits, and SIGTERM ends the run with the files written. `--tiny` runs
+the same code on the CPU with the dev dimensions in fp32 (a dry run, not a performance number).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import copy
 import datetime as _dt
 import gc
+import io
 import logging
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +53,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bench_args import MODES, add_bench_arguments
+from .bench_args import E2E_MODES, MODES, add_bench_arguments
+from .bench_report import Report, Row, Writer, is_exact
 from .models import fastpath
 from .models.connector import ConnectorConfig
 from .models.dit import DiTConfig, Step1XEditTransformer2DModel
@@ -49,21 +62,9 @@ from .models.vae import VAEConfig, build_vae
 
 log = logging.getLogger("step1x_edit.bench")
 
-MODE_LABEL = {
-    "baseline": "baseline: diffusers FluxTransformer2DModel, eager, PyTorch SDPA",
-    "eager": "ours, eager (exact)",
-    "fused": "+ fused QKV (exact)",
-    "sdpa": "+ best attention backend (exact)",
-    "compile": "+ regional compile, VAE bf16 channels_last (exact)",
-    "cache": "+ first-block step cache (approximate)",
-    "fp8": "+ FP8 dynamic quantisation (approximate)",
-}
 TXT_TOKENS = 640  # the conditioner always hands the DiT 640 positions
-PUBLISHED = (
-    "Published reference (official code, one H800, batch 1, CFG, 28 steps, bf16, flash-attention): "
-    "512 / 768 / 1024 px: 5 / 11 / 22 s end to end, peak 42.5 / 46.5 / 49.8 GB; FP8 weights 6.8 / 13.5 / 25 s; "
-    "TeaCache 16.8 s at 1024."
-)
+# A first regional compile (two block graphs) before the budget lets it start; later ones use the measured time.
+COMPILE_ESTIMATE_S = 90.0  # diffusers measured ~10 s for FLUX's regional compile on an H100 (static)
 
 # --------------------------------------------------------------------------------------------------------------
 # Configurations
@@ -224,8 +225,7 @@ def build_ours(d: Dims, device: torch.device, dtype: torch.dtype, seed: int):
     dit = build_random(lambda: Step1XEditTransformer2DModel.from_dit_config(d.dit), device, dtype, seed)
     vae = build_random(lambda: build_vae(d.vae), device, torch.float32, seed + 1)
     conditioner = build_encoder(d, device, dtype, seed + 2)
-    pipe = EditPipeline(dit, vae, conditioner, "v1.1", "tiny" if d.tiny else "full", 512, device, dtype)
-    return pipe
+    return EditPipeline(dit, vae, conditioner, "v1.1", "tiny" if d.tiny else "full", 512, device, dtype)
 
 
 def build_baseline(d: Dims, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -261,55 +261,61 @@ class Stopwatch:
         return a.elapsed_time(b) / 1000.0 if self.cuda else b - a
 
 
-def time_calls(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int = 1) -> float:
-    """Mean seconds per call of `fn` after `warmup` calls, synchronising only before and after the timed loop."""
-    for _ in range(warmup):
+def time_calls(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int = 1,
+               min_warmup_s: float = 0.0) -> float:
+    """Mean seconds per call of `fn`, synchronising only before and after the timed loop. Warm-up: at least
+    `warmup` calls and at least `min_warmup_s` seconds of them (a GPU's clocks ramp up under load)."""
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < min_warmup_s:
         fn()
+        done += 1
+        if min_warmup_s:
+            sync(device)
     sync(device)
     sw = Stopwatch(device)
-    start = sw.mark()
+    a = sw.mark()
     for _ in range(iters):
         fn()
-    end = sw.mark()
+    b = sw.mark()
     sync(device)
-    return sw.seconds(start, end) / iters
+    return sw.seconds(a, b) / iters
 
 
-class StageTimer:
-    """Forward hooks recording device-side start/end marks of each call of the named modules (no syncs)."""
-
-    def __init__(self, device: torch.device, modules: dict[str, list[nn.Module]]):
-        self.sw = Stopwatch(device)
-        self.marks: dict[str, list[list]] = {k: [] for k in modules}
-        self.handles = []
-        for name, mods in modules.items():
-            for m in mods:
-                self.handles.append(m.register_forward_pre_hook(lambda *_, n=name: self.marks[n].append([self.sw.mark()])))
-                self.handles.append(m.register_forward_hook(lambda *_, n=name: self.marks[n][-1].append(self.sw.mark())))
-
-    def reset(self) -> None:
-        for v in self.marks.values():
-            v.clear()
-
-    def durations(self) -> dict[str, list[float]]:
-        return {k: [self.sw.seconds(a, b) for a, b in v] for k, v in self.marks.items()}
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+def ceiling_shapes(tiny: bool) -> list[tuple[int, int, int]]:
+    """A square GEMM and the DiT's two largest ones (1024², batch 2: 17664 token rows)."""
+    return [(512, 512, 512)] if tiny else [(8192, 8192, 8192), (17664, 3072, 12288), (17664, 12288, 3072)]
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype, tiny: bool) -> tuple[float, str]:
-    """Best measured TFLOP/s over a few large GEMMs (square and DiT-shaped), in the run's dtype."""
-    shapes = [(1024, 1024, 1024)] if tiny else [(8192, 8192, 8192), (17664, 3072, 12288), (17664, 12288, 3072)]
+    """Best measured TFLOP/s over a few large GEMMs in `dtype`."""
     best, where = 0.0, ""
-    for m, k, n in shapes:
+    for m, k, n in ceiling_shapes(tiny):
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
-        iters = 3 if tiny else 20
-        s = time_calls(lambda: a @ b, device, iters, warmup=2)
+        s = time_calls(lambda: a @ b, device, 3 if tiny else 20, warmup=1 if tiny else 5,
+                       min_warmup_s=0.0 if tiny else 1.0)
         tf = 2 * m * k * n / s / 1e12
         log.info("matmul %dx%dx%d %s: %.1f TFLOP/s", m, k, n, dtype, tf)
+        if tf > best:
+            best, where = tf, f"{m}x{k}x{n}"
+        del a, b
+    return best, where
+
+
+def fp8_ceiling(device: torch.device, tiny: bool) -> tuple[float, str]:
+    """Best measured TFLOP/s of float8 e4m3 GEMMs with per-row scales and bf16 output (`torch._scaled_mm`, what
+    torchao's float8 linears and `FP8Linear.scaled_mm` run): the ceiling fp8 modes' MFU is divided by."""
+    best, where = 0.0, ""
+    for m, k, n in ceiling_shapes(tiny):
+        a = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device=device).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+        sa = torch.ones(m, 1, device=device)
+        sb = torch.ones(1, n, device=device)
+        s = time_calls(lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16), device,
+                       3 if tiny else 20, warmup=1 if tiny else 5, min_warmup_s=0.0 if tiny else 1.0)
+        tf = 2 * m * k * n / s / 1e12
+        log.info("fp8 matmul %dx%dx%d: %.1f TFLOP/s", m, k, n, tf)
         if tf > best:
             best, where = tf, f"{m}x{k}x{n}"
         del a, b
@@ -334,12 +340,13 @@ def attention_microbench(device: torch.device, dtype: torch.dtype, heads: int, h
             backend = AttentionBackendName(value)
             _check_attention_backend_requirements(backend)
             with torch.inference_mode():
-                s = time_calls(lambda: dispatch_attention_fn(q, k, v, backend=backend), device, 3 if device.type == "cpu" else 10)
+                s = time_calls(lambda: dispatch_attention_fn(q, k, v, backend=backend), device,
+                               3 if device.type == "cpu" else 10)
             results[name] = f"{s * 1e3:.2f} ms"
             if s < best_t:
                 best, best_t = name, s
         except Exception as e:  # a backend that is missing or refuses these shapes is reported, not fatal
-            results[name] = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+            results[name] = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
     return best, results
 
 
@@ -362,6 +369,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| (Frobenius, in float64)."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -417,67 +433,54 @@ def test_image(size: int, seed: int = 0):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The run
+# Budget and stopping
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class StepRow:
-    mode: str
-    size: int
-    status: str = "not run"
-    ms: float | None = None
-    tflops: float | None = None
-    mfu: float | None = None
-    speedup: float | None = None
-    syncs: int | None = None
-    err_vs_eager: float | None = None
-    note: str = ""
-
-
-@dataclass
-class E2ERow:
-    mode: str
-    size: int
-    steps: int
-    status: str = "not run"
-    encoder: float | None = None
-    vae_enc: float | None = None
-    dit_step: float | None = None
-    denoise: float | None = None
-    vae_dec: float | None = None
-    total: float | None = None
-    peak_gb: float | None = None
-    note: str = ""
-
-
-@dataclass
-class Report:
-    env: dict[str, str] = field(default_factory=dict)
-    ceiling: float | None = None
-    ceiling_shape: str = ""
-    attention: dict[str, str] = field(default_factory=dict)
-    best_backend: str = "native"
-    parity: list[tuple[str, str, str, str]] = field(default_factory=list)
-    steps: list[StepRow] = field(default_factory=list)
-    e2e: list[E2ERow] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-
 class Budget:
-    def __init__(self, seconds: float):
-        self.start, self.seconds = time.monotonic(), seconds
+    """A measurement starts only when it still fits: elapsed + max(longest measurement so far, its own estimate)
+    <= seconds (0 = no limit). `measure()` times one measurement."""
 
-    def left(self) -> bool:
-        return self.seconds <= 0 or time.monotonic() - self.start < self.seconds
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.clock, self.seconds = clock, seconds
+        self.start = clock()
+        self.longest = 0.0
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        return self.clock() - self.start
+
+    def allows(self, estimate: float = 0.0) -> bool:
+        return self.seconds <= 0 or self.elapsed() + max(self.longest, estimate) <= self.seconds
+
+    def why_not(self, estimate: float = 0.0) -> str:
+        return (f"skipped: time budget ({self.elapsed():.0f} s elapsed + {max(self.longest, estimate):.0f} s "
+                f"expected > {self.seconds:.0f} s)")
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        t = self.clock()
+        try:
+            yield
+        finally:
+            self.longest = max(self.longest, self.clock() - t)
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+class Stopped(BaseException):
+    """SIGTERM (a time limit): not an Exception, so no measurement's error handling swallows it."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Stopped(f"signal {signum}")
+
+
+def _error(e: BaseException) -> str:
+    kind = "OOM" if "OutOfMemory" in type(e).__name__ else "error"
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{kind}: {type(e).__name__}: {text}"[:200]
+
+
+def _unavailable(e: BaseException) -> str:
+    return f"unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
 
 
 def _free(device: torch.device) -> None:
@@ -497,13 +500,8 @@ def environment(device: torch.device) -> dict[str, str]:
         "torch": torch.__version__ + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else ""),
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
+        "torchao": torchao_version(),
     }
-    try:
-        import torchao
-
-        env["torchao"] = torchao.__version__
-    except ImportError:
-        env["torchao"] = "not installed"
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env["device"] = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs"
@@ -517,345 +515,566 @@ def environment(device: torch.device) -> dict[str, str]:
     return env
 
 
-def parity(report: Report, d: Dims, device: torch.device, size: int, seed: int, compile_mode: str,
-           modes: list[str], best_backend: str) -> None:
-    """fp32 reference vs each variant in bf16 on a full-width, reduced-depth DiT (threshold 1e-2)."""
-    cfg = d.parity_dit()
-    ref_model = build_random(lambda: Step1XEditTransformer2DModel.from_dit_config(cfg), device, torch.float32, seed)
-    x32 = dit_inputs(size, d, device, torch.float32, seed=seed)
-    with torch.inference_mode():
-        ref = x32.ours(ref_model).float()
-    x16 = dit_inputs(size, d, device, torch.bfloat16, seed=seed)
-    model = copy.deepcopy(ref_model).to(torch.bfloat16)
-    del ref_model
-    _free(device)
-    label = f"DiT {cfg.depth}+{cfg.depth_single_blocks} blocks, hidden {cfg.hidden_size}, {size}px, batch 2"
-    steps: list[tuple[str, Callable[[nn.Module], Any]]] = [("eager bf16", lambda m: None)]
-    if "fused" in modes:
-        steps.append(("+ fused QKV", lambda m: fastpath.fuse_qkv_(m)))
-    if "sdpa" in modes and best_backend != "native":
-        steps.append((f"+ attention {best_backend}", lambda m: fastpath.set_attention_backend_(m, best_backend)))
-    if "fp8" in modes:
-        steps.append(("+ FP8 (torchao), eager", None))
-    if "compile" in modes:
-        steps.append(("+ regional compile", lambda m: fastpath.compile_blocks_(m, mode=compile_mode)))
-    bf16_out = None
-    for name, change in steps:
-        try:
-            if change is None:  # fp8: on a copy, so the exact variants go on unquantised
-                q = copy.deepcopy(model)
-                fastpath.quantize_fp8_(q, device)
-                with torch.inference_mode():
-                    out = x16.ours(q).float()
-                del q
-                report.parity.append((name, label, f"{rel_err(out, ref):.2e}",
-                                      f"approximate (not held to 1e-2); vs eager bf16 {rel_err(out, bf16_out):.2e}"))
-                continue
-            change(model)
-            with torch.inference_mode():
-                out = x16.ours(model).float()
-            bf16_out = out if bf16_out is None else bf16_out
-            e = rel_err(out, ref)
-            report.parity.append((name, label, f"{e:.2e}", "ok" if e <= 1e-2 else "FAIL (> 1e-2)"))
-        except Exception as exc:
-            kind = "unavailable" if change is None else "error"
-            report.parity.append((name, label, "-", f"{kind}: {type(exc).__name__}: {exc}".splitlines()[0][:160]))
-    del model
-    _free(device)  # (compiled block graphs stay cached: the full model's blocks reuse them at this size)
+def torchao_version() -> str:
+    """torchao's version, or why it cannot be used: not installed, or failing on import (a wheel built for another
+    torch raises other errors than ImportError; the report says which instead of the run ending there)."""
+    try:
+        import torchao
+    except ImportError:
+        return "not installed"
+    except Exception as e:  # noqa: BLE001
+        return f"unusable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return str(getattr(torchao, "__version__", "?"))
 
 
-class ModeRunner:
-    """Applies the modes cumulatively to one pipeline and measures each."""
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+ORDER = ("fused", "attn", "fp8", "compile", "cache")  # how the options are written in a mode name
+
+
+class Runner:
+    """Builds the models, applies the options group by group, and adds one row per measurement."""
 
     def __init__(self, args: argparse.Namespace, d: Dims, device: torch.device, dtype: torch.dtype, report: Report,
-                 baseline_ms: dict[int, float], budget: Budget):
+                 writer: Writer, budget: Budget):
         self.args, self.d, self.device, self.dtype = args, d, device, dtype
-        self.report, self.baseline_ms, self.budget = report, baseline_ms, budget
-        self.pipe = build_ours(d, device, dtype, args.seed)
-        self.active: list[str] = []
-        self.compiled = False
+        self.report, self.w, self.budget = report, writer, budget
+        self.pipe = None
+        self.options: dict[str, str] = {}  # option -> its name in mode strings ("attn" -> "cudnn")
         self.eager_out: dict[int, torch.Tensor] = {}
-        self.prev_images: dict[tuple[int, int], np.ndarray] = {}
-        if device.type == "cuda":
-            log.info("pipeline built: %.1f GiB allocated", torch.cuda.memory_allocated(device) / 2**30)
+        self.exact_images: dict[tuple[int, int], np.ndarray] = {}
+        self.fp8_dit: nn.Module | None = None
+        self.fp8_note = ""
+        self.compile_s: float | None = None
 
-    @property
-    def dit(self) -> nn.Module:
-        return self.pipe.dit
+    # --- bookkeeping --------------------------------------------------------------------------------------------
+    def mode(self, *extra: str) -> str:
+        names = dict(self.options)
+        for e in extra:
+            names[e] = e
+        parts = [names[o] for o in ORDER if o in names]
+        return "+".join(parts) or "eager"
 
-    def apply(self, mode: str) -> str:
-        """Change the pipeline for `mode`; returns a note. Raises (leaving the pipeline as it was) if unavailable."""
-        pipe, dit = self.pipe, self.dit
-        if mode == "eager":
-            return "defaults"
-        if mode == "fused":
-            return f"{fastpath.fuse_qkv_(dit)} attention modules fused"
-        if mode == "sdpa":
-            fastpath.set_attention_backend_(dit, self.report.best_backend)
-            return f"attention backend {self.report.best_backend}"
-        if mode == "compile":
-            fastpath.compile_blocks_(dit, mode=self.args.compile_mode)
-            self.compiled = True
-            bf16 = self.device.type == "cuda"
-            fastpath.vae_fast_(pipe.vae, bf16=bf16, channels_last=True)
-            if bf16:
-                pipe.vae_dtype = torch.bfloat16
-            return f"compile mode {self.args.compile_mode}; VAE {'bf16 ' if bf16 else ''}channels_last"
-        if mode == "cache":
-            pipe.step_cache = fastpath.StepCache(dit, fastpath.PerfOptions(
-                step_cache="first_block", step_cache_threshold=self.args.cache_threshold))
-            return f"threshold {self.args.cache_threshold}"
-        if mode == "fp8":
-            fastpath.quantize_fp8_(dit, self.device)  # raises before touching anything if unavailable
-            if dit.is_cache_enabled:  # the step cache is measured on its own row
-                dit.disable_cache()
-            pipe.step_cache = None
-            torch._dynamo.reset()
-            if self.compiled:
-                fastpath.compile_blocks_(dit, mode=self.args.compile_mode)
-            return "float8 dynamic, per-row scales; step cache off"
-        raise ValueError(mode)
+    def measure(self, row: Row, fn: Callable[[Row], None], estimate: float = 0.0) -> Row:
+        """Run one measurement into `row` if the budget allows, record its error otherwise, write the files."""
+        row.exact = is_exact(row.mode)
+        if not self.budget.allows(estimate):
+            row.status = self.budget.why_not(estimate)
+            return self.w.add(row)
+        log.info("measuring %s %s %s²%s", row.kind, row.mode, row.size,
+                 f" {row.steps} steps n={row.n}" if row.kind in ("edit", "http") else "")
+        with self.budget.measure():
+            try:
+                fn(row)
+            except Exception as e:  # noqa: BLE001 - one failed measurement is a row, not the end of the run
+                row.status = _error(e)
+                log.exception("%s %s %s failed", row.kind, row.mode, row.size)
+                _free(self.device)
+        return self.w.add(row)
 
-    def warm(self, size: int) -> float:
-        start = time.perf_counter()
-        self.pipe.warmup([size], guided=True, steps=1)
-        sync(self.device)
-        return time.perf_counter() - start
+    def skip(self, kind: str, mode: str, why: str, steps: list[int] | None = None, n: int = 1) -> None:
+        for size in self.args.sizes:
+            for s in steps or [1]:
+                self.w.add(Row(kind, mode, size, s, n, exact=is_exact(mode), status=why))
 
-    def step_row(self, mode: str, size: int, note: str) -> StepRow:
-        row = StepRow(mode, size, note=note)
-        x = dit_inputs(size, self.d, self.device, self.dtype, seed=self.args.seed)
-        with torch.inference_mode():
-            out = x.ours(self.pipe.dit).float()
-            if mode == "cache":
-                row.note += "; per-step time from the edits below (a repeated step would always hit the cache)"
-            else:
-                row.ms = 1e3 * time_calls(lambda: x.ours(self.pipe.dit), self.device, self.args.step_iters)
-            if mode == "eager":
-                self.eager_out[size] = out
-            elif size in self.eager_out and mode != "cache":
-                row.err_vs_eager = rel_err(out, self.eager_out[size])
-            from .pipeline import sampling
+    # --- groups -------------------------------------------------------------------------------------------------
+    def run(self, modes: list[str]) -> None:
+        a = self.args
+        if "baseline" in modes:
+            self.baseline()
+        self.pipe = build_ours(self.d, self.device, self.dtype, a.seed)
+        if self.device.type == "cuda":
+            log.info("pipeline built: %.1f GiB allocated", torch.cuda.memory_allocated(self.device) / 2**30)
+        if "eager" in modes:
+            self.dit_steps(syncs=True)
+            if "eager" in a.e2e_modes:
+                self.edits()
+        if "attention" in modes:
+            self.attention()
+        if "fused" in modes:
+            n = fastpath.fuse_qkv_(self.pipe.dit)
+            self.options["fused"] = "fused"
+            self.pipe.perf = replace(self.pipe.perf, fuse_qkv=True)
+            self.dit_steps(note=f"{n} attention modules fused")
+        if "vae" in modes:
+            self.vae_rows()
+        if "compile" in modes:
+            self.compile()
+        if "http" in modes:  # before fp8: its copy of the DiT would count in the server's peak memory
+            self.http()
+        if "fp8" in modes:
+            self.fp8()
+        if "fp8" in modes and "compile" in modes and self.fp8_dit is not None:
+            self.fp8_compile()
+        if "cache" in modes:
+            self.cache()
+        if "parity" in modes and a.parity:
+            self.parity()
 
-            if True:
-                def two_steps():
-                    cond = sampling.Conditioning(x.emb[:1], x.mask[:1], x.emb[1:], x.mask[1:])
-                    sampling.denoise(self.pipe.dit, x.img[:1, : x.img.shape[1] // 2].float(),
-                                     x.img[:1, x.img.shape[1] // 2:].float(), x.ids[: x.ids.shape[0] // 2],
-                                     x.ids[x.ids.shape[0] // 2:], cond, [1.0, 0.9, 0.8], 4.0, 0.93)
-                row.syncs = count_host_syncs(two_steps, self.device)
-        if row.ms is not None:
-            flops = dit_flops(self.d.dit, image_tokens(size))
-            row.tflops = flops / (row.ms / 1e3) / 1e12
-            if self.report.ceiling:
-                row.mfu = row.tflops / self.report.ceiling
-            if size in self.baseline_ms:
-                row.speedup = self.baseline_ms[size] / row.ms
-        row.status = "ok"
-        return row
+    def baseline(self) -> None:
+        try:
+            model = build_baseline(self.d, self.device, self.dtype, self.args.seed)
+        except Exception as e:  # noqa: BLE001
+            self.skip("dit_step", "baseline", _error(e))
+            return
+        for size in self.args.sizes:
+            def fn(row: Row, size: int = size) -> None:
+                x = dit_inputs(size, self.d, self.device, self.dtype, seed=self.args.seed)
+                with torch.inference_mode():
+                    row.seconds = time_calls(baseline_call(model, x, self.d), self.device, self.args.step_iters)
+                self._flops(row, connector=False)
+            self.measure(Row("dit_step", "baseline", size, note="diffusers FluxTransformer2DModel, eager, PyTorch "
+                             "SDPA; same token counts, no connector"), fn)
+        del model
+        _free(self.device)
 
-    def e2e_row(self, mode: str, size: int, steps: int, timer: StageTimer) -> E2ERow:
+    def _flops(self, row: Row, connector: bool = True, fp8: bool = False) -> None:
+        flops = dit_flops(self.d.dit, image_tokens(row.size), connector=connector)
+        tflops = flops / row.seconds / 1e12
+        ceiling = self._ceiling(fp8)
+        row.mfu = tflops / ceiling if ceiling else None
+        row.extra.update(tokens=image_tokens(row.size) + TXT_TOKENS, tflops=tflops,
+                         mfu_ceiling="fp8" if fp8 else self.report.ceilings.get("compute"))
+        base = self.report.find("dit_step", "baseline", row.size)
+        if base and row.mode != "baseline":
+            row.extra["vs_baseline"] = base[0].seconds / row.seconds
+
+    def _ceiling(self, fp8: bool) -> float | None:
+        c = self.report.ceilings
+        return c.get("fp8_tflops" if fp8 else f"{c.get('compute')}_tflops") or None
+
+    def dit_steps(self, dit: nn.Module | None = None, mode: str | None = None, note: str = "", syncs: bool = False,
+                  warmup_s: float | None = None) -> None:
+        dit = dit if dit is not None else self.pipe.dit
+        mode = mode or self.mode()
+        fp8 = "fp8" in mode.split("+")
+        for i, size in enumerate(self.args.sizes):
+            def fn(row: Row, size: int = size, first: bool = i == 0) -> None:
+                x = dit_inputs(size, self.d, self.device, self.dtype, seed=self.args.seed)
+                with torch.inference_mode():
+                    out = x.ours(dit).float()
+                    row.seconds = time_calls(lambda: x.ours(dit), self.device, self.args.step_iters)
+                    if mode == "eager":
+                        self.eager_out[size] = out
+                    elif size in self.eager_out:
+                        row.extra["err_vs_bf16"] = rel_err(out, self.eager_out[size])
+                    if syncs and first:
+                        row.extra["host_syncs_2_steps"] = count_host_syncs(lambda: self._two_steps(x, dit), self.device)
+                self._flops(row, fp8=fp8)
+                if warmup_s is not None and first:
+                    row.extra["warmup_s"] = warmup_s
+            self.measure(Row("dit_step", mode, size, note=note), fn)
+
+    def _two_steps(self, x: DiTInputs, dit: nn.Module) -> None:
+        from .pipeline import sampling
+
+        half = x.img.shape[1] // 2
+        cond = sampling.Conditioning(x.emb[:1], x.mask[:1], x.emb[1:], x.mask[1:])
+        sampling.denoise(dit, x.img[:1, :half].float(), x.img[:1, half:].float(), x.ids[: x.ids.shape[0] // 2],
+                         x.ids[x.ids.shape[0] // 2:], cond, [1.0, 0.9, 0.8], 4.0, 0.93)
+
+    def edits(self, mode: str | None = None, note: str = "") -> None:
+        mode = mode or self.mode()
+        for size in self.args.sizes:
+            for steps in self.args.steps:
+                self.measure(Row("edit", mode, size, steps, 1, note=note),
+                             lambda row, size=size, steps=steps: self._edit(row, size, steps))
+
+    def _edit(self, row: Row, size: int, steps: int) -> None:
         from .pipeline.types import EditRequest
 
-        row = E2ERow(mode, size, steps)
         guidance = 6.0 if steps >= 28 else 2.5
         req = EditRequest(image=test_image(size, self.args.seed), prompt="turn the sky purple and add a red kite",
                           steps=steps, guidance_scale=guidance, strength=1.0, seed=self.args.seed, size_level=size)
+        cache = self.pipe.step_cache
+        before = (cache.calls, cache.skipped) if cache is not None else (0, 0)
         _free(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        timer.reset()
-        calls_before, skipped_before = (self.pipe.step_cache.calls, self.pipe.step_cache.skipped) if \
-            self.pipe.step_cache is not None else (0, 0)
+        reset_peak(self.device)
         sync(self.device)
         start = time.perf_counter()
         (res,) = self.pipe.run([req])
         sync(self.device)
-        row.total = time.perf_counter() - start
-        dur = timer.durations()
-        row.encoder = sum(dur["encoder"])
-        row.vae_enc = sum(dur["vae_encode"])
-        row.vae_dec = sum(dur["vae_decode"])
-        row.denoise = sum(dur["dit"])
-        row.dit_step = row.denoise / max(1, len(dur["dit"]))
-        if self.device.type == "cuda":
-            row.peak_gb = torch.cuda.max_memory_allocated(self.device) / 1e9
-        img = np.asarray(res.images[0], dtype=np.float64)
+        row.seconds = time.perf_counter() - start
+        stages = {k: round(v, 4) for k, v in res.timings.items()}  # each synchronised on the device (EditPipeline)
+        row.extra["stages"] = stages
+        row.extra["per_step"] = stages["denoise"] / steps
+        row.peak_gib = peak_gib(self.device)
+        fp8 = "fp8" in row.mode.split("+")
+        ceiling = self._ceiling(fp8)
+        if ceiling:
+            row.mfu = dit_flops(self.d.dit, image_tokens(size)) * steps / stages["denoise"] / 1e12 / ceiling
         notes = [f"guidance {guidance}"]
-        cache = self.pipe.step_cache
         if cache is not None:
-            notes.append(f"skipped {cache.skipped - skipped_before}/{cache.calls - calls_before} steps")
-        prev = self.prev_images.get((size, steps))
-        if prev is not None and mode in ("cache", "fp8"):
-            notes.append(f"image vs exact: mean |d| {np.abs(img - prev).mean():.2f}, max {np.abs(img - prev).max():.0f} (0-255)")
-        if mode not in ("cache", "fp8"):
-            self.prev_images[(size, steps)] = img
-        row.note = "; ".join(notes)
-        row.status = "ok"
-        return row
+            notes.append(f"skipped {cache.skipped - before[1]}/{cache.calls - before[0]} steps")
+        img = np.asarray(res.images[0], dtype=np.float64)
+        exact = self.exact_images.get((size, steps))
+        if is_exact(row.mode):
+            self.exact_images.setdefault((size, steps), img)
+        elif exact is not None:
+            row.extra["image_vs_exact_mean"] = float(np.abs(img - exact).mean())
+            notes.append(f"image vs exact: mean |d| {np.abs(img - exact).mean():.2f}, max {np.abs(img - exact).max():.0f} (0-255)")
+        row.note = "; ".join(filter(None, [row.note, *notes]))
 
-    def run(self, modes: list[str]) -> None:
-        args, rep = self.args, self.report
-        enc, enc_call = fastpath.encoder_module(self.pipe.conditioner)
-        for mode in MODES:
-            if mode not in modes:
-                rep.steps += [StepRow(mode, s, "not run (--modes)") for s in args.sizes]
-                rep.e2e += [E2ERow(mode, s, n, "not run (--modes)") for s in args.sizes for n in args.steps]
-                continue
-            if not self.budget.left():
-                rep.steps += [StepRow(mode, s, "skipped: time budget") for s in args.sizes]
-                rep.e2e += [E2ERow(mode, s, n, "skipped: time budget") for s in args.sizes for n in args.steps]
-                continue
+    def attention(self) -> None:
+        cands = [c.strip() for c in self.args.attention_backends.split(",") if c.strip()]
+        if self.d.tiny:
+            cands = [c for c in cands if c == "native"] + ["math"]
+        size = max(self.args.sizes)
+        if not self.budget.allows():
+            self.report.attention = {"-": self.budget.why_not()}
+            self.w.save()
+            return
+        with self.budget.measure():
+            best, results = attention_microbench(self.device, self.dtype, self.d.dit.num_heads, self.d.dit.head_dim,
+                                                 image_tokens(size) + TXT_TOKENS, cands)
+        self.report.attention, self.report.attention_best = results, best
+        self.w.save()
+        log.info("attention backends: %s -> %s", results, best)
+        if best != "native":
             try:
-                note = self.apply(mode)
-                self.active.append(mode)
-                log.info("mode %s: %s", mode, note)
-            except Exception as e:
-                why = f"unavailable: {type(e).__name__}: {e}".splitlines()[0][:200]
-                log.warning("mode %s %s", mode, why)
-                rep.steps += [StepRow(mode, s, why) for s in args.sizes]
-                rep.e2e += [E2ERow(mode, s, n, why) for s in args.sizes for n in args.steps]
-                continue
-            timer = StageTimer(self.device, {"encoder": [enc_call], "vae_encode": [self.pipe.vae.encoder],
-                                             "vae_decode": [self.pipe.vae.decoder], "dit": [self.pipe.dit]})
-            try:
-                for size in args.sizes:
-                    warm_note = ""
-                    if not self.budget.left():
-                        rep.steps.append(StepRow(mode, size, "skipped: time budget"))
-                        rep.e2e += [E2ERow(mode, size, n, "skipped: time budget") for n in args.steps]
-                        continue
-                    try:
-                        if self.compiled or (not self.d.tiny and mode == self.active[0]):  # first use / compile
-                            took = self.warm(size)
-                            if mode in ("compile", "cache", "fp8") and self.compiled:
-                                warm_note = f"; warm-up (compile) {took:.0f} s"
-                        rep.steps.append(self.step_row(mode, size, note + warm_note))
-                    except Exception as e:
-                        rep.steps.append(StepRow(mode, size, _error(e)))
-                        log.exception("step timing %s %d", mode, size)
-                        _free(self.device)
-                    for n in args.steps:
-                        if mode not in args.e2e_modes:
-                            rep.e2e.append(E2ERow(mode, size, n, "not run (--e2e-modes)"))
-                            continue
-                        if not self.budget.left():
-                            rep.e2e.append(E2ERow(mode, size, n, "skipped: time budget"))
-                            continue
-                        try:
-                            rep.e2e.append(self.e2e_row(mode, size, n, timer))
-                        except Exception as e:
-                            rep.e2e.append(E2ERow(mode, size, n, _error(e)))
-                            log.exception("edit %s %d %d", mode, size, n)
-                            _free(self.device)
-                    log.info("mode %s size %d done (%.0f s elapsed)", mode, size, self.budget.elapsed())
-            finally:
-                timer.remove()
+                fastpath.set_attention_backend_(self.pipe.dit, best)
+            except Exception as e:  # noqa: BLE001
+                self.skip("dit_step", self.mode("attn"), _unavailable(e))
+                return
+            self.options["attn"] = best
+            self.pipe.perf = replace(self.pipe.perf, attention_backend=best)
+            self.dit_steps(note=f"attention backend {best}")
 
+    def vae_rows(self) -> None:
+        from .models import vae as vae_ops
 
-def _error(e: BaseException) -> str:
-    kind = "OOM" if "OutOfMemory" in type(e).__name__ else "error"
-    return f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        cuda = self.device.type == "cuda"
+        fast_name = "bf16+channels_last" if cuda else "channels_last"
+        fast = None
+        for size in self.args.sizes:
+            z = torch.randn(1, self.d.vae.z_channels, size // 8, size // 8, generator=torch.Generator().manual_seed(3))
+            z = z.to(self.device)
+            ref: dict[str, torch.Tensor] = {}
 
-
-def run_baseline(report: Report, d: Dims, device: torch.device, dtype: torch.dtype, args: argparse.Namespace,
-                 budget: Budget) -> dict[int, float]:
-    ms: dict[int, float] = {}
-    try:
-        model = build_baseline(d, device, dtype, args.seed)
-    except Exception as e:
-        report.steps += [StepRow("baseline", s, _error(e)) for s in args.sizes]
-        return ms
-    for size in args.sizes:
-        row = StepRow("baseline", size, note="same token counts, no connector")
-        if not budget.left():
-            row.status = "skipped: time budget"
-        else:
-            try:
-                x = dit_inputs(size, d, device, dtype, seed=args.seed)
-                call = baseline_call(model, x, d)
+            def plain(row: Row) -> None:
                 with torch.inference_mode():
-                    row.ms = 1e3 * time_calls(call, device, args.step_iters)
-                flops = dit_flops(d.dit, image_tokens(size), connector=False)
-                row.tflops = flops / (row.ms / 1e3) / 1e12
-                row.mfu = row.tflops / report.ceiling if report.ceiling else None
-                row.speedup = 1.0
-                row.status = "ok"
-                ms[size] = row.ms
-            except Exception as e:
-                row.status = _error(e)
-                _free(device)
-        report.steps.append(row)
-    del model
-    _free(device)
-    return ms
+                    ref["out"] = vae_ops.decode(self.pipe.vae, z).float()
+                    row.seconds = time_calls(lambda: vae_ops.decode(self.pipe.vae, z), self.device, 3)
+
+            def quick(row: Row) -> None:
+                nonlocal fast
+                if fast is None:  # a copy: the pipeline's VAE stays as it is (fp32, exact)
+                    fast = fastpath.vae_fast_(copy.deepcopy(self.pipe.vae), bf16=cuda, channels_last=True)
+                zz = z.to(torch.bfloat16 if cuda else torch.float32)
+                with torch.inference_mode():
+                    out = vae_ops.decode(fast, zz).float()
+                    row.seconds = time_calls(lambda: vae_ops.decode(fast, zz), self.device, 3)
+                if "out" in ref:
+                    row.extra["err_vs_fp32"] = rel_err(out, ref["out"])
+
+            self.measure(Row("vae_decode", "fp32", size, note="the pipeline's VAE"), plain)
+            self.measure(Row("vae_decode", fast_name, size, exact=not cuda, note="a copy of the VAE"), quick)
+        del fast
+        _free(self.device)
+
+    def fp8(self) -> None:
+        """Float8 matmuls on a copy of the DiT with the exact options so far, uncompiled (the bf16 one stays for
+        the exact modes); `fp8_compile` compiles the copy afterwards."""
+        mode = "+".join(p for p in self.mode("fp8").split("+") if p != "compile")
+        if not self.budget.allows():
+            self.skip("dit_step", mode, self.budget.why_not())
+            return
+        try:
+            with self.budget.measure():
+                dit = copy.deepcopy(self.pipe.dit)
+                for block in fastpath._blocks(dit):  # the copy's blocks would call the original's compiled code
+                    block._compiled_call_impl = None
+                n = fastpath.quantize_fp8_(dit, self.device)
+        except Exception as e:  # noqa: BLE001 - no torchao, no fp8 GPU: the rows say so
+            self.skip("dit_step", mode, _unavailable(e))
+            dit = None
+            _free(self.device)
+            return
+        self.fp8_dit = dit
+        self.fp8_note = f"{n} linears in float8 (torchao per-row dynamic)"
+        self.dit_steps(dit, mode, note=self.fp8_note)
+        if "fp8" in self.args.e2e_modes and "compile" not in self.args.modes_list:  # else after fp8+compile
+            self._with_dit(dit, lambda: self.edits(mode, note=self.fp8_note))
+
+    def _with_dit(self, dit: nn.Module, fn: Callable[[], None]) -> None:
+        exact = self.pipe.dit
+        self.pipe.dit = dit
+        try:
+            fn()
+        finally:
+            self.pipe.dit = exact
+
+    def _compile(self, dit: nn.Module) -> float:
+        """Regional compile as the server does it, warmed up on the measured batch (one guided image) at each size;
+        returns the warm-up seconds (the compile time)."""
+        fastpath.compile_blocks_(dit, mode=self.args.compile_mode)
+        start = time.perf_counter()
+        self._with_dit(dit, lambda: self.pipe.warmup(self.args.sizes, shapes=[(1, True)]))
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def compile(self) -> None:
+        mode = self.mode("compile")
+        estimate = self.compile_s or COMPILE_ESTIMATE_S
+        if not self.budget.allows(estimate):
+            self.skip("dit_step", mode, self.budget.why_not(estimate))
+            return
+        # as the server: the pipeline knows it is compiled, so a later run that compiles again is logged
+        self.pipe.perf = replace(self.pipe.perf, compile=True, compile_mode=self.args.compile_mode)
+        try:
+            with self.budget.measure():
+                took = self._compile(self.pipe.dit)
+        except Exception as e:  # noqa: BLE001
+            self.skip("dit_step", mode, _error(e))
+            return
+        self.compile_s = took
+        self.options["compile"] = "compile"
+        self.dit_steps(note=f"compile mode {self.args.compile_mode}, dynamic shapes", warmup_s=took)
+        if "compile" in self.args.e2e_modes:
+            self.edits()
+
+    def fp8_compile(self) -> None:
+        mode = self.mode("fp8", "compile")
+        if "compile" not in self.options:  # the exact compile did not run (budget, error): no fp8+compile either
+            self.skip("dit_step", mode, "not run: the exact compile did not run")
+            return
+        estimate = self.compile_s or COMPILE_ESTIMATE_S
+        if not self.budget.allows(estimate):
+            self.skip("dit_step", mode, self.budget.why_not(estimate))
+            return
+        try:
+            with self.budget.measure():
+                took = self._compile(self.fp8_dit)
+        except Exception as e:  # noqa: BLE001
+            self.skip("dit_step", mode, _error(e))
+            return
+        self.dit_steps(self.fp8_dit, mode, note=self.fp8_note, warmup_s=took)
+        if "fp8" in self.args.e2e_modes:
+            self._with_dit(self.fp8_dit, lambda: self.edits(mode, note=self.fp8_note))
+
+    def http(self) -> None:
+        """The real server (create_app + uvicorn on 127.0.0.1) in this process with this pipeline as it is now."""
+        mode = self.mode()
+        ns = self.args.http_n
+        try:
+            server = BenchServer(self.pipe, max(ns), Path(tempfile.mkdtemp(prefix="step1x-bench-")))
+        except Exception as e:  # noqa: BLE001 - e.g. the server's packages missing on this machine
+            for n in ns:
+                self.w.add(Row("http", mode, max(self.args.sizes), self.args.http_steps, n, exact=is_exact(mode),
+                               status=_unavailable(e)))
+            return
+        try:
+            size = max(self.args.sizes)
+            body = {"model": _model_id(), "prompt": "turn the sky purple and add a red kite",
+                    "image": _data_uri(test_image(size, self.args.seed)), "steps": self.args.http_steps,
+                    "seed": self.args.seed, "strength": 1.0, "guidance_scale": 2.5, "response_format": "b64_json"}
+            one: float | None = None
+            for n in ns:
+                def fn(row: Row, n: int = n) -> None:
+                    before = server.stage_sums()
+                    _free(self.device)
+                    reset_peak(self.device)
+                    status, data, seconds = server.post({**body, "n": n})
+                    row.seconds, row.peak_gib = seconds, peak_gib(self.device)
+                    if status != 200 or len(data.get("data", [])) != n:
+                        raise RuntimeError(f"HTTP {status}: {str(data)[:160]}")
+                    after = server.stage_sums()
+                    row.extra["server_stages"] = {k: round(after[k] - before.get(k, 0.0), 4) for k in after
+                                                  if after[k] - before.get(k, 0.0) > 0}
+                estimate = (one or 0.0) * n
+                row = self.measure(Row("http", mode, size, self.args.http_steps, n,
+                                       note="strength 1.0, guidance 2.5, b64_json; one request at a time"), fn,
+                                   estimate=estimate)
+                if n == 1 and row.status == "ok":
+                    one = row.seconds
+        finally:
+            server.stop()
+
+    def cache(self) -> None:
+        mode = self.mode("cache")
+        try:
+            self.pipe.step_cache = fastpath.StepCache(self.pipe.dit, fastpath.PerfOptions(
+                step_cache="first_block", step_cache_threshold=self.args.cache_threshold))
+        except Exception as e:  # noqa: BLE001
+            self.skip("edit", mode, _unavailable(e), self.args.steps)
+            return
+        try:
+            self.edits(mode, note=f"first-block cache, threshold {self.args.cache_threshold}; random weights: the "
+                                  "skip rate says nothing about real images")
+        finally:
+            self.pipe.dit.disable_cache()
+            self.pipe.step_cache = None
+
+    def parity(self) -> None:
+        """fp32 reference vs each bf16 variant on a full-width, reduced-depth DiT (exact variants held to 1e-2)."""
+        size = min(self.args.sizes)
+        cfg = self.d.parity_dit()
+        label = f"DiT {cfg.depth}+{cfg.depth_single_blocks} blocks, hidden {cfg.hidden_size}, batch 2"
+        state: dict[str, Any] = {}
+
+        def reference(row: Row) -> None:
+            ref_model = build_random(lambda: Step1XEditTransformer2DModel.from_dit_config(cfg), self.device,
+                                     torch.float32, self.args.seed)
+            x32 = dit_inputs(size, self.d, self.device, torch.float32, seed=self.args.seed)
+            with torch.inference_mode():
+                state["ref"] = x32.ours(ref_model).float()
+            state["model"] = copy.deepcopy(ref_model).to(torch.bfloat16)
+            del ref_model
+            _free(self.device)
+            state["x"] = dit_inputs(size, self.d, self.device, torch.bfloat16, seed=self.args.seed)
+            self._parity_check(row, state, lambda m: None)
+
+        variants: list[tuple[str, Callable[[nn.Module], Any]]] = [("fused", fastpath.fuse_qkv_)]
+        if self.report.attention_best != "native":
+            variants.append((self.report.attention_best,
+                             lambda m: fastpath.set_attention_backend_(m, self.report.attention_best)))
+        self.measure(Row("parity", "eager", size, note=label), reference)
+        for name, change in variants:
+            if "model" in state:
+                self.measure(Row("parity", name, size, note=label), lambda row, c=change: self._parity_check(row, state, c))
+        if "model" in state:
+            def fp8(row: Row) -> None:
+                q = copy.deepcopy(state["model"])
+                try:
+                    fastpath.quantize_fp8_(q, self.device)
+                except Exception as e:  # noqa: BLE001 - no torchao / no fp8 GPU
+                    row.status = _unavailable(e)
+                    return
+                with torch.inference_mode():
+                    out = state["x"].ours(q).float()
+                row.extra["err_vs_fp32"] = rel_err(out, state["ref"])
+                row.note += "; approximate, not held to 1e-2"
+            self.measure(Row("parity", "fp8", size, note=label), fp8)
+        state.clear()
+        _free(self.device)
+
+    def _parity_check(self, row: Row, state: dict[str, Any], change: Callable[[nn.Module], Any]) -> None:
+        change(state["model"])
+        with torch.inference_mode():
+            out = state["x"].ours(state["model"]).float()
+        err = rel_err(out, state["ref"])
+        row.extra["err_vs_fp32"] = err
+        if err > 1e-2:
+            row.status = "FAIL (> 1e-2)"
 
 
-def markdown(report: Report, args: argparse.Namespace, command: str) -> str:
-    lines = ["# Step1X-Edit speed on one device", ""]
-    if args.tiny:
-        lines += ["**CPU smoke run (`--tiny`: dev dimensions, fp32, CPU). Not a performance measurement.**", ""]
-    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in report.env.items()]
-    lines += [f"| command | `{command}` |", ""]
-    if report.ceiling:
-        lines.append(f"Matmul ceiling (measured in this run, {report.env.get('dtype', '')}, best of "
-                     f"{report.ceiling_shape}): **{report.ceiling:.1f} TFLOP/s**. MFU = analytic DiT matmul FLOPs per "
-                     "step / step time / this ceiling.")
-    if report.attention:
-        lines.append("Attention backends (one call, [2, S, heads, head_dim] at the largest size): "
-                     + ", ".join(f"{k} {v}" for k, v in report.attention.items())
-                     + f"; chosen: **{report.best_backend}**.")
-    lines += [""]
-    if report.parity:
-        lines += ["## Parity (bf16 variants against our fp32 path, relative Frobenius error; threshold 1e-2)", "",
-                  "| variant | model | rel. error vs fp32 | status |", "|---|---|---|---|"]
-        lines += [f"| {a} | {b} | {c} | {s} |" for a, b, c, s in report.parity]
-        lines += [""]
-    lines += ["## DiT time per step (batch 2 = CFG, 640 text tokens + target + reference tokens)", "",
-              "| mode | size | tokens | ms / step | TFLOP/s | MFU | speed-up vs baseline | host syncs (2-step denoise) "
-              "| rel. err vs eager | status | notes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report.steps:
-        lines.append(
-            f"| {MODE_LABEL.get(r.mode, r.mode)} | {r.size}² | {image_tokens(r.size) + TXT_TOKENS} | {_fmt(r.ms, '.1f')} "
-            f"| {_fmt(r.tflops, '.1f')} | {_fmt(r.mfu, '.1%')} | {_fmt(r.speedup, '.2f')} | {'-' if r.syncs is None else r.syncs} "
-            f"| {_fmt(r.err_vs_eager, '.1e')} | {r.status} | {r.note} |")
-    lines += ["", "## Edits end to end (seconds; stage times measured on the device, per-step = mean DiT call)", "",
-              "| mode | size | steps | encoder | VAE encode | DiT / step | denoise | VAE decode | end to end | peak GB "
-              "| status | notes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report.e2e:
-        lines.append(
-            f"| {MODE_LABEL.get(r.mode, r.mode)} | {r.size}² | {r.steps} | {_fmt(r.encoder, '.3f')} | {_fmt(r.vae_enc, '.3f')} "
-            f"| {_fmt(r.dit_step, '.3f')} | {_fmt(r.denoise, '.2f')} | {_fmt(r.vae_dec, '.3f')} | {_fmt(r.total, '.2f')} "
-            f"| {_fmt(r.peak_gb, '.1f')} | {r.status} | {r.note} |")
-    lines += [""] + [f"- {n}" for n in report.notes] + [f"- {PUBLISHED}"]
-    if report.errors:
-        lines += ["", "Errors:"] + [f"- {e}" for e in report.errors]
-    return "\n".join(lines) + "\n"
+def _model_id() -> str:
+    from . import MODEL_ID
+
+    return MODEL_ID
+
+
+def _data_uri(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class BenchServer:
+    """The project's HTTP server (create_app + uvicorn, 127.0.0.1, a free port) serving a pipeline already built,
+    in a thread of this process (so peak device memory is read here)."""
+
+    def __init__(self, pipe: Any, max_images: int, storage: Path):
+        import socket
+
+        import httpx
+        import uvicorn
+
+        from .api.app import create_app
+        from .api.cli_serve import uvicorn_options
+        from .settings import Settings
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        settings = Settings(host="127.0.0.1", port=port, storage_dir=storage, batch_max_images=max_images,
+                            request_timeout_s=3600, log_level="warning", max_body_bytes=256 * 1024 * 1024)
+        app = create_app(settings, pipeline_factory=lambda: pipe)
+        self.server = uvicorn.Server(uvicorn.Config(app, **{**uvicorn_options(settings), "lifespan": "on"}))
+        self.thread = threading.Thread(target=self.server.run, name="bench-http", daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(timeout=3600)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if self.client.get(self.base + "/ready").status_code == 200:
+                    return
+            if not self.thread.is_alive():
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("the HTTP server did not become ready")
+
+    def post(self, body: dict) -> tuple[int, dict, float]:
+        start = time.perf_counter()
+        r = self.client.post(self.base + "/v1/images/generations", json=body)
+        seconds = time.perf_counter() - start
+        try:
+            data = r.json()
+        except ValueError:
+            data = {"text": r.text[:200]}
+        return r.status_code, data, seconds
+
+    def stage_sums(self) -> dict[str, float]:
+        """Sums of the server's `step1x_stage_seconds` histogram per stage, from /metrics."""
+        text = self.client.get(self.base + "/metrics").text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("step1x_stage_seconds_sum{"):
+                head, _, value = line.rpartition(" ")
+                out[head.split('stage="', 1)[1].split('"', 1)[0]] = float(value)
+        return out
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.client.close()
 
 
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
 
+def _paths(args: argparse.Namespace) -> tuple[Path | None, Path | None, Path]:
+    if args.out_dir:
+        d = Path(args.out_dir)
+        md, js = d / "results.md", d / "results.json"
+    elif args.out:
+        md = Path(args.out)
+        js = md.with_suffix(".json") if md.suffix != ".json" else md.with_name(md.name + ".json")
+    else:
+        md = js = None
+    log_path = Path(args.log) if args.log else (md.with_suffix(md.suffix + ".log") if md is not None else
+                                                 Path(f"bench-{time.strftime('%Y%m%d-%H%M%S')}.log"))
+    if args.out_dir and not args.log:
+        log_path = Path(args.out_dir) / "results.log"
+    return md, js, log_path
+
+
 def run_bench(args: argparse.Namespace) -> int:
     tiny = bool(args.tiny)
     device = torch.device(args.device or ("cpu" if tiny else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench: no CUDA device; use --tiny for the CPU smoke run", file=sys.stderr)
+        print("bench: no CUDA device; use --tiny for the CPU dry run", file=sys.stderr)
         return 2
     dtype = torch.float32 if tiny else torch.bfloat16
-    args.sizes = _ints(args.sizes) if args.sizes else ([256] if tiny else [512, 768, 1024])
+    args.sizes = _ints(args.sizes) if args.sizes else ([256] if tiny else [1024])
     args.steps = _ints(args.steps) if args.steps else ([3, 2] if tiny else [28, 20])
     args.step_iters = args.step_iters or (2 if tiny else 5)
+    args.http_n = _ints(args.http_n) if isinstance(args.http_n, str) else args.http_n
+    args.http_steps = args.http_steps or (2 if tiny else 20)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.modes_list = modes
     args.e2e_modes = [m.strip() for m in args.e2e_modes.split(",") if m.strip()]
-    unknown = [m for m in modes + args.e2e_modes if m not in MODES]
+    unknown = [m for m in modes if m not in MODES] + [m for m in args.e2e_modes if m not in E2E_MODES]
     if unknown:
-        print(f"bench: unknown modes {unknown}; choose from {', '.join(MODES)}", file=sys.stderr)
+        print(f"bench: unknown modes {unknown}; --modes from {', '.join(MODES)}, --e2e-modes from "
+              f"{', '.join(E2E_MODES)}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else None
-    log_path = Path(args.log) if args.log else (out.with_suffix(out.suffix + ".log") if out else
-                                                 Path(f"bench-{time.strftime('%Y%m%d-%H%M%S')}.log"))
+    md, js, log_path = _paths(args)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_path, mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -864,64 +1083,60 @@ def run_bench(args: argparse.Namespace) -> int:
     prev_level = root.level
     root.setLevel(logging.INFO)
     command = getattr(args, "command_line", None) or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    report = Report()
+    report = Report(command=command, tiny=tiny)
+    writer = Writer(report, md, js)
     budget = Budget(args.budget_s)
     d = dims(tiny)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         report.env = environment(device)
         report.env["dtype"] = str(dtype).removeprefix("torch.")
         report.env["model"] = (
             "dev dimensions (DiT hidden 128, 2+2 blocks; tiny Qwen2.5-VL; dev VAE)" if tiny else
             "Step1X-Edit v1.1 full size, random weights: Qwen2.5-VL-7B config, connector, DiT 19+38 blocks "
-            "hidden 3072, FLUX VAE"
-        )
-        report.env["edits"] = ("square input = working size, strength 1.0 (every step runs), CFG on "
-                               "(guidance 6.0 at >= 28 steps, 2.5 below), seed " + str(args.seed))
+            "hidden 3072, FLUX VAE")
+        report.env["budget"] = f"{args.budget_s:.0f} s" if args.budget_s else "none"
+        writer.save()
         log.info("bench start: %s", report.env)
         torch.manual_seed(args.seed)
-        # One process compiles several variants (parity model, each mode): a clean slate and room for them all.
         torch._dynamo.reset()
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-        with torch.inference_mode():
-            report.ceiling, report.ceiling_shape = matmul_ceiling(device, dtype, tiny)
+        with budget.measure(), torch.inference_mode():
+            name = report.env["dtype"].replace("bfloat16", "bf16").replace("float32", "fp32")
+            report.ceilings[f"{name}_tflops"], report.ceilings[f"{name}_shape"] = matmul_ceiling(device, dtype, tiny)
+            report.ceilings["compute"] = name  # exact modes' MFU is against this one
+            try:
+                report.ceilings["fp8_tflops"], report.ceilings["fp8_shape"] = fp8_ceiling(device, tiny)
+            except Exception as e:  # noqa: BLE001 - no float8 matmul on this device
+                report.ceilings["fp8_status"] = _unavailable(e)
+        writer.save()
+        Runner(args, d, device, dtype, report, writer, budget).run(modes)
         largest = max(args.sizes)
-        cands = [c.strip() for c in args.attention_backends.split(",") if c.strip()]
-        if tiny:
-            cands = [c for c in cands if c in ("native",)] + ["math"]
-        report.best_backend, report.attention = attention_microbench(
-            device, dtype, d.dit.num_heads, d.dit.head_dim, image_tokens(largest) + TXT_TOKENS, cands)
-        log.info("attention backends: %s -> %s", report.attention, report.best_backend)
-        if args.parity:
-            parity(report, d, device, min(args.sizes), args.seed, args.compile_mode, modes, report.best_backend)
-        baseline_ms = run_baseline(report, d, device, dtype, args, budget) if args.baseline else {}
-        if not args.baseline:
-            report.steps += [StepRow("baseline", s, "not run (--no-baseline)") for s in args.sizes]
-        runner = ModeRunner(args, d, device, dtype, report, baseline_ms, budget)
-        runner.run(modes)
         report.notes.append(
-            "Speed-up = baseline ms/step / our ms/step on identical token counts; ours includes the connector "
-            f"(~{100 * connector_flops(d.dit.connector, TXT_TOKENS, 2) / dit_flops(d.dit, image_tokens(largest)):.1f} % of the "
-            f"FLOPs at {largest}²), the baseline does not.")
-        report.notes.append("Modes are cumulative in the order of the table (each row has the options of the rows "
-                            "above it that ran), except that the FP8 row runs without the step cache.")
-        report.notes.append("Random weights: the step cache's skip rate and deviation say nothing about real images; "
-                            "the first-block residual of a random model changes far more per step than a trained one's.")
-    except Exception as e:  # the table is still written
+            "vs baseline = diffusers' seconds per call / ours, identical token counts; ours includes the connector "
+            f"(~{100 * connector_flops(d.dit.connector, TXT_TOKENS, 2) / dit_flops(d.dit, image_tokens(largest)):.1f} % "
+            f"of the FLOPs at {largest}²), the baseline does not.")
+        report.notes.append("Options accumulate in the order of the groups; a mode names every option that was on "
+                            "(fp8 runs on a copy of the DiT, so later exact modes are without it).")
+        report.state = "finished"
+    except Stopped as e:
+        report.state = f"stopped by {e} after {budget.elapsed():.0f} s (the rows above are every one finished)"
+        log.warning("bench %s", report.state)
+    except Exception as e:  # noqa: BLE001 - the report is still written
         log.exception("bench failed")
         report.errors.append(_error(e))
+        report.state = "failed"
     finally:
-        text = markdown(report, args, command)
-        if out:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text)
-        log.info("report:\n%s", text)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        writer.save()
+        from .bench_report import markdown
+
+        text = markdown(report)
         root.removeHandler(handler)
         handler.close()
         root.setLevel(prev_level)
         print(text)
-        print(f"(log: {log_path}{', report: ' + str(out) if out else ''})", file=sys.stderr)
+        print(f"(log: {log_path}{', report: ' + str(md) + ' + ' + str(js) if md else ''})", file=sys.stderr)
     return 1 if report.errors else 0
 
 
@@ -929,7 +1144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
-    args.command_line = "python bench/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.command_line = "python -m step1x_edit.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_bench(args)
 
