@@ -1,7 +1,8 @@
 """Step1X-Edit speed benchmark (see src/step1x_edit/bench.py and bench/RESULTS.md).
 
-    python bench/bench.py --out results.md          # H100/H200: full size, random weights, all modes
-    python bench/bench.py --tiny --out /tmp/t.md     # CPU smoke run with the dev dimensions
+    python bench/bench.py --out results.md          # H100/H200: full size, random weights (+ results.json)
+    python bench/bench.py --tiny --out /tmp/t.md     # CPU dry run with the dev dimensions
+    bash bench/gpu-check.sh --wheels .whl            # a GPU session's one command (wheels, time limit, summary)
 """
 
 import sys

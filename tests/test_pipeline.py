@@ -158,6 +158,17 @@ def test_odd_inputs_become_rgb_edits(pipe):
     assert rot.images[0].size == (64, 96)
 
 
+def test_each_stage_time_waits_for_the_device(pipe, monkeypatch):
+    """On CUDA a stage's kernels run asynchronously: each clock read first waits for the device (a no-op here), so
+    the stage timings (and the Prometheus stage metrics made of them) are each stage's own."""
+    from step1x_edit.pipeline import edit
+
+    waited = []
+    monkeypatch.setattr(edit, "device_sync", lambda device: waited.append(device))
+    (r,) = pipe.run([_req()])
+    assert len(waited) == len(r.timings) == 7 and set(waited) == {pipe.device}
+
+
 def test_timings_cover_every_stage(pipe):
     (r,) = pipe.run([_req()])
     assert {"vae_encode", "encoder", "denoise", "vae_decode"} <= set(r.timings)

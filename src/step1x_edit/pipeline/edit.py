@@ -254,13 +254,16 @@ class EditPipeline:
         return results
 
     def warmup(self, size_levels: Iterable[int], steps: int = 1, max_images: int = 1,
-               shapes: Sequence[tuple[int, bool]] | None = None) -> dict[int, float]:
+               shapes: Sequence[tuple[int, bool]] | None = None, guided: bool | None = None) -> dict[int, float]:
         """Short edits (square input, `steps` steps) at each size level, one per batch shape the server will run,
         so that compilation (and lazy kernel selection) happens at start-up rather than on the worker while
         requests wait. `shapes`: (n, guided) pairs; default `warmup_shapes(max_images)`: n=1 without guidance
         (batch 1, its own compiled graph), n=1 with it (batch 2: the graph every larger batch reuses, its token
         and batch dimensions being dynamic) and n=max_images with it (the largest batch: its memory is tried
-        too). With a compiled DiT a request that still compiles is logged by `run`. Returns seconds per size."""
+        too). `guided` (the older form): only n=1 with or without guidance. With a compiled DiT a request that still
+        compiles is logged by `run`. Returns seconds per size."""
+        if guided is not None and shapes is None:
+            shapes = [(1, guided)]
         took = {}
         self._graphs = None  # compiling is what a warm-up is for: not logged
         for level in size_levels:
