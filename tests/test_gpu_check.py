@@ -39,14 +39,14 @@ def test_environment_of_the_image_and_the_wheels_runs_the_dry_run(tmp_path):
     probe = subprocess.run([str(python), "-c", "import fastapi, torch, diffusers; import playwright"],
                            capture_output=True, text=True)
     assert "No module named 'playwright'" in probe.stderr  # only what the lists name (it is installed here)
-    p = _check(python, tmp_path / "out", "--", "--modes", "eager,http", "--steps", "1", "--http-n", "1")
+    p = _check(python, tmp_path / "out", "--", "--modes", "http", "--http-steps", "1", "--http-n", "1")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "import check: 16 of 16 listed packages import" in p.stdout
     assert p.stdout.strip().splitlines()[-1].startswith("(commit as bench/results/cpu")  # the summary, last
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["state"] == "finished"
-    assert [(r["kind"], r["mode"], r["status"]) for r in data["rows"]] == [
-        ("dit_step", "eager", "ok"), ("edit", "eager", "ok"), ("http", "eager", "ok")]
+    assert [(r["kind"], r["mode"], r["n"], r["status"]) for r in data["rows"]] == [("http", "eager", 1, "ok")]
+    assert data["ceilings"]["fp32_tflops"] > 0 and data["rows"][0]["server_stages"]["pipeline_denoise"] > 0
     assert {f.name for f in (tmp_path / "out").iterdir()} == {"results.md", "results.json", "results.log",
                                                               "stdout.txt"}
 

@@ -269,9 +269,11 @@ class EditPipeline:
         for level in size_levels:
             image = Image.new("RGB", (int(level), int(level)), (128, 128, 128))
             start = time.perf_counter()
-            for n, guided in (warmup_shapes(max_images) if shapes is None else shapes):
-                req = EditRequest(image=image, prompt="warm-up", steps=steps, strength=1.0, seed=0, n=n,
-                                  guidance_scale=2.5 if guided else 1.0, size_level=int(level))
+            for n, cfg in (warmup_shapes(max_images) if shapes is None else shapes):
+                fits = self.max_images((int(level), int(level), steps, 0, cfg))  # never more than fits the device
+                req = EditRequest(image=image, prompt="warm-up", steps=steps, strength=1.0, seed=0,
+                                  n=min(n, fits) if fits else n, guidance_scale=2.5 if cfg else 1.0,
+                                  size_level=int(level))
                 self.run([req])
             took[int(level)] = time.perf_counter() - start
         if self.perf.compile:
