@@ -185,7 +185,7 @@ def markdown(rep: Report) -> str:
                   f"**{ratio:.2f}x**.", ""]
     tables = {
         "dit_step": ("DiT step (one call, batch 2 = one image with CFG, 640 text + target + reference tokens)",
-                     ["mode", "size", "tokens", "s / call", "TFLOP/s", "MFU", "vs baseline", "err vs bf16 eager",
+                     ["mode", "size", "tokens", "s / call", "TFLOP/s", "MFU", "vs baseline", "err vs eager",
                       "warm-up s", "status", "notes"],
                      lambda r: [r.mode, f"{r.size}²", r.extra.get("tokens", "-"), _f(r.seconds, ".4f"),
                                 _f(r.extra.get("tflops"), ".3g"), _f(r.mfu, ".1%"), _f(r.extra.get("vs_baseline"), ".2f"),
