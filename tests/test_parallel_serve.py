@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,3 +182,18 @@ def test_edit_command_on_two_ranks_writes_the_one_process_image(tmp_path, exampl
     assert "cfg-parallel 2 = 2 ranks)" in two.stdout
     a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("one", "two"))
     assert a.shape == b.shape and np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
+
+
+def test_bench_tiny_on_two_ranks_reports_once(tmp_path, capsys):
+    """`bench --tiny --ring-degree 2`: the same run on both ranks (the DiT ring-parallel), rank 0's report; the
+    step cache, which cannot run on several ranks, is left out with a word."""
+    from step1x_edit.cli import main as cli_main
+
+    out = tmp_path / "bench.md"
+    assert cli_main(["bench", "--tiny", "--ring-degree", "2", "--modes", "eager,cache", "--no-baseline",
+                     "--no-parity", "--steps", "2", "--step-iters", "1", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "cache mode does not run on several ranks" in captured.err
+    report = out.read_text()
+    assert "| parallel | ring 2 = 2 ranks" in report and captured.out.count("# Step1X-Edit speed") == 1
+    assert re.search(r"\| ours, eager \(exact\) \| 256² \| 1152 \| [\d.]+ \|", report)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,47 @@ def _check_reference(args: argparse.Namespace) -> int:
     return status
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """`bench`, on one device or (parallel flags) as the same program on every rank, rank 0 reporting."""
+    from .bench import run_bench
+
+    settings = settings_from_args(args)
+    if settings.cfg_parallel * settings.ulysses_degree * settings.ring_degree == 1:
+        return run_bench(args)
+    import torch
+
+    from .models import presets
+    from .models.parallel import Degrees, problems
+    from .pipeline.parallel import run_spmd
+
+    degrees = Degrees.from_settings(settings)
+    device_type = "cpu" if args.tiny or (args.device or "").startswith("cpu") else "cuda"
+    bad = problems(degrees, heads=(presets.DEV_DIT if args.tiny else presets.FULL_DIT).num_heads,
+                   device_type=device_type, device_count=torch.cuda.device_count() if device_type == "cuda" else 0,
+                   dtype="float32" if args.tiny else "bfloat16")
+    if bad:
+        print("bench: " + "\n  ".join(["impossible parallel settings:", *bad]), file=sys.stderr)
+        return 2
+    modes = [m for m in args.modes.split(",") if m.strip()]
+    if "cache" in modes:  # each rank would skip blocks on its own: see models/parallel.py
+        print("bench: the cache mode does not run on several ranks; left out", file=sys.stderr)
+        args.modes = ",".join(m for m in modes if m != "cache")
+    args.command_line = getattr(args, "command_line", None) or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    return run_spmd(degrees, _bench_rank, (args, degrees), device_type=device_type,
+                    timeout_s=settings.parallel_timeout_s)
+
+
+def _bench_rank(rank: int, mesh, args: argparse.Namespace, degrees) -> int:  # noqa: ANN001
+    from .bench import run_bench
+
+    args = argparse.Namespace(**vars(args), mesh=mesh, degrees=degrees)
+    if args.device is None or args.device.startswith("cuda"):
+        args.device = "cpu" if args.tiny else f"cuda:{rank}"
+    if rank:  # rank 0 writes the report and the log
+        args.out, args.log = None, os.devnull
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .api.cli_serve import add_serve_arguments
     from .bench_args import add_bench_arguments
@@ -140,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("directories", nargs="+", metavar="DIR")
     add_settings_arguments(ref, ("parallel",))
 
-    add_bench_arguments(sub.add_parser("bench", help="speed table: full-size model, random weights, GPU (--tiny: CPU smoke run)"))
+    bench = sub.add_parser("bench", help="speed table: full-size model, random weights, GPU (--tiny: CPU smoke run)")
+    add_bench_arguments(bench)
+    add_settings_arguments(bench, ("parallel",))
     add_download_arguments(sub.add_parser("download", help="fetch the weights from the Hugging Face Hub and verify them"))
     return parser
 
@@ -155,9 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "edit":
         return _edit(args)
     if args.command == "bench":
-        from .bench import run_bench
-
-        return run_bench(args)
+        return _bench(args)
     if args.command == "download":
         from .download import run_download
 
