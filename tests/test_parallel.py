@@ -9,6 +9,8 @@ starts. The server with `--cfg-parallel 2` and what happens when a rank dies: te
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from PIL import Image
@@ -170,3 +172,45 @@ def test_seeded_dev_edit_matches_one_process(examples_dir, one_process_edit, mod
         diff = (torch.tensor(list(a.tobytes())) - torch.tensor(list(b.tobytes()))).abs()
         assert diff.max().item() <= 1 and (diff > 0).float().mean().item() < 1e-3
 
+
+
+@pytest.mark.slow
+def test_a_failed_start_up_stops_every_rank_at_once(tmp_path):
+    """Weights that do not load: the error names the file, and no worker rank is left behind (none waits for the
+    timeout)."""
+    import time
+
+    import psutil
+
+    settings = Settings(preset="full", dit_path=tmp_path / "missing.safetensors", vae_path=tmp_path / "vae.safetensors",
+                        encoder_path=tmp_path, device="cpu", cfg_parallel=2, parallel_timeout_s=120)
+    start = time.monotonic()
+    with pytest.raises((FileNotFoundError, ValueError, RuntimeError), match="missing.safetensors"):
+        ParallelEditPipeline(settings)
+    assert time.monotonic() - start < 60
+    assert not [c for c in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+
+
+def test_the_projection_counts_what_each_mode_sends():
+    """bench/parallel_projection.py: the bytes per step follow the collectives the code makes, and its H800 row is
+    calibrated on the official one-GPU time."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "parallel_projection.py"
+    spec = importlib.util.spec_from_file_location("parallel_projection", path)
+    proj = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = proj  # (its dataclasses look their module up)
+    spec.loader.exec_module(proj)
+    n_img, s = proj.tokens()
+    d, blocks = 3072, 57
+    out = 2 * n_img * 64 * 2  # the gathered prediction, bf16
+    assert proj.comm_per_rank(Degrees(cfg=2)) == (out / 2, 2)  # one half exchanged, plus the stop flag
+    qkvo = blocks * 4 * 2 * (s / 4) * d * 2 * 3 / 4  # Ulysses 4: q, k, v, out of S/4 tokens, 3/4 leave the rank
+    assert proj.comm_per_rank(Degrees(ulysses=4))[0] == pytest.approx(qkvo + out * 3 / 4)
+    kv = blocks * 2 * 2 * (s / 4) * d * 2 * 3  # ring 4: k and v of the three other ranks
+    assert proj.comm_per_rank(Degrees(ring=4))[0] == pytest.approx(kv + out * 3 / 4)
+    assert proj.comm_per_rank(Degrees(ulysses=2))[0] == pytest.approx(proj.comm_per_rank(Degrees(ring=2))[0])
+    h800 = proj.h800_tflops()
+    assert proj.NON_DIT_S + proj.STEPS * proj.step_ms(Degrees(), h800, proj.LINKS["H800 NVLink"])[2] / 1e3 == \
+        pytest.approx(proj.OFFICIAL_S[1])

@@ -283,7 +283,8 @@ class RankGroup:
         self._stop_workers(grace_s=_STOP_GRACE_S if self.lost is None else 0.0)
         for conn in self._conns.values():
             conn.close()
-        if self._joined and dist.is_initialized() and self.lost is None:
+        # (after a loss on CUDA, NCCL may wait for the dead peer: the process is about to exit anyway)
+        if self._joined and dist.is_initialized() and (self.lost is None or self.spec.device_type == "cpu"):
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
         self._joined = False
@@ -387,6 +388,7 @@ def run_spmd(degrees: Degrees, fn: Callable[..., Any], args: tuple = (), *, devi
             time.sleep(0.5)  # let the watchdog see a worker's death and name it
             if group.lost:
                 raise RuntimeError(f"{group.lost} ({type(exc).__name__} on rank 0: {exc})") from exc
+            group.fail(f"rank 0 failed: {type(exc).__name__}: {exc}"[:500])  # the others cannot go on
             raise
         group.wait_all("done", timeout_s)
         return result
@@ -421,7 +423,8 @@ class ParallelEditPipeline:
             mesh = self.group.join_as_rank0()
             self.local = build_pipeline(rank_settings(settings, 0, device_type), mesh=mesh)
             self.group.wait_all("ready", settings.parallel_timeout_s)
-        except BaseException:
+        except BaseException as exc:
+            self.group.fail(f"start-up failed: {type(exc).__name__}: {exc}"[:500])  # no-op when a worker failed
             self.group.close()
             raise
 
