@@ -75,6 +75,8 @@ def test_impossible_degrees_are_refused_with_a_message():
     assert "CUDA_VISIBLE_DEVICES" in problems(Degrees(ring=2), heads=24, device_type="cuda", device_count=2,
                                               device="cuda:1")[0]
     assert "skip" in problems(Degrees(cfg=2), **one, step_cache="first_block")[0]
+    assert "use native" in problems(Degrees(ring=2), **one, attention_backend="math")[0]
+    assert problems(Degrees(cfg=2), **one, attention_backend="math") == []  # CFG-parallel splits rows, not tokens
     with pytest.raises(ValueError, match="less than or equal to 2"):
         Settings(cfg_parallel=3)
 

@@ -77,8 +77,13 @@ class Degrees:
         return " x ".join(parts) + f" = {self.world_size} ranks" if parts else "1 rank"
 
 
+# attention backends (settings names) with context-parallel support in diffusers 0.42; on CPU only `native`
+SEQUENCE_PARALLEL_BACKENDS = ("native", "cudnn", "flash", "flash-attn", "flash-attn-3", "sage")
+
+
 def problems(degrees: Degrees, *, heads: int, device_type: str, device_count: int, dtype: str = "auto",
-             device: str = "auto", step_cache: str = "none", offload: str = "none") -> list[str]:
+             device: str = "auto", step_cache: str = "none", offload: str = "none",
+             attention_backend: str = "native") -> list[str]:
     """What makes these degrees impossible here (empty: fine). Checked before any rank starts, so a bad
     configuration is a message at start-up, never a crash mid-request."""
     out = []
@@ -100,6 +105,11 @@ def problems(degrees: Degrees, *, heads: int, device_type: str, device_count: in
         if degrees.ring > 1 and dtype == "float32":
             out.append("ring attention on CUDA needs dtype bfloat16 or float16 (its log-sum-exp kernels are half "
                        "precision); use ulysses_degree, or the default dtype")
+    if degrees.sequence > 1 and (attention_backend not in SEQUENCE_PARALLEL_BACKENDS
+                                 or (device_type == "cpu" and attention_backend != "native")):
+        usable = "native" if device_type == "cpu" else ", ".join(SEQUENCE_PARALLEL_BACKENDS)
+        out.append(f"attention_backend {attention_backend!r} has no sequence-parallel (Ulysses / ring) support "
+                   f"here; use {usable}")
     if step_cache != "none":
         out.append(f"step_cache {step_cache!r} cannot run on several ranks: each rank would decide alone which "
                    "blocks to skip, and ranks that disagree wait on each other forever")

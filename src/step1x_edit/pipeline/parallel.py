@@ -83,7 +83,8 @@ def startup_problems(settings: Settings, heads: int | None = None) -> list[str]:
         heads = (presets.DEV_DIT if resolve_preset(settings) == "dev" else presets.FULL_DIT).num_heads
     return problems(degrees, heads=heads, device_type=device_type,
                     device_count=torch.cuda.device_count() if device_type == "cuda" else 0, dtype=settings.dtype,
-                    device=settings.device, step_cache=settings.step_cache, offload=settings.offload)
+                    device=settings.device, step_cache=settings.step_cache, offload=settings.offload,
+                    attention_backend=settings.attention_backend)
 
 
 def rank_settings(settings: Settings, rank: int, device_type: str) -> Settings:
