@@ -293,9 +293,10 @@ class EditPipeline:
         return torch.cat(noise).to(dev), posterior(refs), posterior(inits) if use_init else None
 
 
-def build_pipeline(settings: Settings) -> EditPipeline:
+def build_pipeline(settings: Settings, *, mesh=None) -> EditPipeline:  # noqa: ANN001 - a torch DeviceMesh
     """The models named by the settings on their device (real weights, `full`, or the tiny random `dev` preset),
-    with the performance options applied, warmed up when compiled."""
+    with the performance options applied, warmed up when compiled. With `mesh` (one rank of several, see
+    pipeline/parallel.py) the DiT's calls become collective calls of every rank (models/parallel.py)."""
     opts = fastpath.PerfOptions.from_settings(settings)
     opts.validate()
     device = resolve_device(settings.device)
@@ -334,6 +335,10 @@ def build_pipeline(settings: Settings) -> EditPipeline:
         fastpath.quantize_fp8_(dit, device)
     if opts.attention_backend != "native":
         fastpath.set_attention_backend_(dit, opts.attention_backend)
+    if mesh is not None:  # before compiling: the parallel hooks and attention are part of the compiled calls
+        from ..models import parallel
+
+        parallel.parallelize_dit(dit, parallel.Degrees.from_settings(settings), mesh)
     if opts.compile:
         fastpath.compile_blocks_(dit, mode=opts.compile_mode)
     if opts.vae_bf16 or opts.vae_channels_last:
