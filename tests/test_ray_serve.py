@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from s3_fixtures import BUCKET, SeaweedFS, aws_env  # noqa: E402
 from server_fixtures import KEY, data_uri, dev_settings, free_port, start_server, wait_until  # noqa: E402
 
-pytest.importorskip("ray.serve", reason="the [ray] extra is not installed (make test installs it)")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 MODEL = "stepfun-ai/step1x-edit"
@@ -175,3 +174,36 @@ def test_a_replica_killed_under_load_fails_only_its_requests_cleanly(cluster):
     healed = cluster.pipeline_info
     assert wait_until(lambda: len(healed()) == 2 and victim_id not in healed(), 180, 2)
     assert edit(cluster.base, seed=1).status_code == 200
+
+
+def test_the_serve_command_starts_ray_deploys_and_stops_cleanly(tmp_path):
+    """`step1x-edit serve --ray --replicas 1` as a user runs it: a local Ray instance, the banner with the start-up
+    time, an edit answered by a pipeline replica, and SIGTERM tearing it all down (exit 0)."""
+    import subprocess
+    import threading
+
+    port = free_port()
+    env = {**os.environ, "STEP1X_PRESET": "dev", "STEP1X_DEVICE": "cpu", "STEP1X_SIZE_LEVEL": "256",
+           "STEP1X_API_KEYS": KEY}
+    env.pop("RAY_ADDRESS", None)  # a local instance, not a cluster this machine may know
+    proc = subprocess.Popen([sys.executable, "-m", "step1x_edit.cli", "serve", "--ray", "--replicas", "1", "--port",
+                             str(port), "--storage-dir", str(tmp_path / "images"), "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
+    try:
+        assert wait_until(lambda: any("Ray Serve on" in line for line in log) or proc.poll() is not None, 300, 0.5)
+        banner = next((line for line in log if "Ray Serve on" in line), "")
+        assert f"http://127.0.0.1:{port}/v1" in banner and "Ray up in" in banner, "".join(log)[-3000:]
+        base = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: httpx.get(base + "/ready", timeout=5).status_code == 200, 120, 0.5)
+        resp = edit(base, seed=2, response_format="b64_json")
+        assert resp.status_code == 200, resp.text
+        assert not resp.headers["x-step1x-replica"].startswith("ingress-")  # a pipeline replica ran it
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, "".join(log)[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)

@@ -99,7 +99,8 @@ class Settings(BaseSettings):
                              flag="--url-expiry")
     public_base_url: str | None = _opt(OUTPUTS, "base URL put in links (default: the request's own)", default=None)
     url_signing_key: SecretStr | None = _opt(OUTPUTS, "HMAC key of links (default: a random key kept in the storage "
-                                                      "directory)", default=None, cli=False)
+                                                      "directory; with storage_url: required, the same on every "
+                                                      "replica, at least 32 characters)", default=None, cli=False)
     janitor_interval_s: float = _opt(OUTPUTS, "seconds between sweeps of expired outputs", default=3600.0, gt=0)
     b64_json_style: Literal["plain", "data_uri"] = _opt(
         OUTPUTS, "b64_json as plain base64 (OpenAI's form) or as data:image/png;base64,... (the hosted example's)",
@@ -108,7 +109,8 @@ class Settings(BaseSettings):
     # chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles); region: AWS_DEFAULT_REGION.
     storage_url: str | None = _opt(OUTPUTS, "s3://BUCKET/PREFIX: keep url outputs in an S3-compatible object store "
                                             "(needs the [s3] extra and STEP1X_URL_SIGNING_KEY unless s3_presigned); "
-                                            "unset: storage_dir", default=None, pattern=r"^s3://[^/?#\s]+(/[^?#\s]*)?$")
+                                            "unset: storage_dir", default=None,
+                                 pattern=r"^s3://[^/?#\s]+(/[^?#\s]*)?$")
     s3_endpoint_url: str | None = _opt(OUTPUTS, "endpoint of a non-AWS S3 server (MinIO, SeaweedFS, Ceph, R2...), "
                                                 "e.g. http://127.0.0.1:8333", default=None)
     s3_presigned: bool = _opt(OUTPUTS, "url outputs are S3 presigned GET links (SigV4: url_expiry_s at most 7 days) "

@@ -41,7 +41,8 @@ def needs_key(path: str, *, metrics_open: bool = False) -> bool:
 
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, *, keys: KeyChecker, max_body_bytes: int, metrics: Metrics,
-                 body_timeout_s: float | None = None, metrics_open: bool = False, replica_id: str | None = None) -> None:
+                 body_timeout_s: float | None = None, metrics_open: bool = False,
+                 replica_id: str | None = None) -> None:
         self.app = app
         self.replica_id = replica_id or process_replica_id()  # x-step1x-replica unless a handler names another
         self.metrics_open = metrics_open
