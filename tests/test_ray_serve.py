@@ -5,7 +5,8 @@ Checked: concurrent requests land on both replicas (`x-step1x-replica`); every `
 endpoint and through a separate single-process server sharing the bucket and link key; the same HTTP app (auth,
 validation errors, streaming); overload is a 429 with Retry-After in the OpenAI error shape (Ray Serve's
 max_queued_requests); killing one replica under load loses no accepted request without an answer (each one is a
-200 or a clean 503), and the deployment heals. Slow (Ray start-up and the deployment take ~30-60 s on 2 cores):
+200 or a clean 503), and the deployment heals; `step1x-edit serve --ray` starts, answers and stops cleanly; the
+documented config file (docs/ray-serve.yaml) deploys. Slow (Ray start-up and the deployment take ~30-60 s on 2 cores):
 `.ci/run` runs it with the slow checks.
 """
 
@@ -207,3 +208,61 @@ def test_the_serve_command_starts_ray_deploys_and_stops_cleanly(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+
+
+_DEPLOY_CONFIG = r'''
+import sys, time, yaml, httpx, ray
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+from ray.serve._private import api as serve_api  # what `serve run CONFIG.yaml` calls (ray/serve/scripts.py)
+
+path, port, storage = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+config = yaml.safe_load(open(path))
+config["http_options"] = {"host": "127.0.0.1", "port": port}
+(app,) = config["applications"]
+app["args"].update(preset="dev", size_level=256, device="cpu", storage_dir=storage)  # a CPU trial of the file
+for deployment in app["deployments"]:
+    if deployment["name"] == "Step1XPipeline":
+        deployment["num_replicas"] = 1
+        deployment["ray_actor_options"]["num_gpus"] = 0
+schema = ServeDeploySchema.model_validate(config)
+ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace="serve", logging_level="ERROR",
+         log_to_driver=False)
+try:
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema, _blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/ready", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    sys.path.insert(0, sys.argv[4])
+    from server_fixtures import data_uri
+    r = httpx.post(base + "/v1/images/generations", timeout=120, json={
+        "model": "stepfun-ai/step1x-edit", "prompt": "p", "image": data_uri(), "steps": 2, "seed": 1,
+        "response_format": "b64_json"})
+    print("STATUS", r.status_code, r.headers.get("x-step1x-replica"), flush=True)
+finally:
+    serve.shutdown()
+    ray.shutdown()
+'''
+
+
+def test_the_documented_ray_serve_config_file_deploys(tmp_path):
+    """docs/ray-serve.yaml deployed as `serve run` does (its import path, args and deployment options), as a CPU
+    trial: the app comes up and answers an edit from a pipeline replica."""
+    import subprocess
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "ray-serve.yaml"
+    done = subprocess.run([sys.executable, "-c", _DEPLOY_CONFIG, str(docs), str(free_port()), str(tmp_path / "img"),
+                           os.path.dirname(__file__)], capture_output=True, text=True, timeout=420,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    status = [line for line in done.stdout.splitlines() if line.startswith("STATUS")]
+    assert done.returncode == 0 and status, (done.stdout[-2000:], done.stderr[-4000:])
+    _, code, replica = status[0].split()
+    assert code == "200" and not replica.startswith("ingress-")
