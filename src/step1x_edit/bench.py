@@ -585,6 +585,10 @@ class Runner:
         if "baseline" in modes:
             self.baseline()
         self.pipe = build_ours(self.d, self.device, self.dtype, a.seed)
+        if getattr(a, "mesh", None) is not None:  # --cfg-parallel / --ulysses-degree / --ring-degree (cli.py)
+            from .models.parallel import parallelize_dit
+
+            parallelize_dit(self.pipe.dit, a.degrees, a.mesh)
         if self.device.type == "cuda":
             log.info("pipeline built: %.1f GiB allocated", torch.cuda.memory_allocated(self.device) / 2**30)
         if "eager" in modes:
@@ -1091,6 +1095,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         report.env = environment(device)
         report.env["dtype"] = str(dtype).removeprefix("torch.")
+        if getattr(args, "degrees", None) is not None:
+            report.env["parallel"] = f"{args.degrees.describe()} (our DiT only; the baseline and parity on each rank)"
         report.env["model"] = (
             "dev dimensions (DiT hidden 128, 2+2 blocks; tiny Qwen2.5-VL; dev VAE)" if tiny else
             "Step1X-Edit v1.1 full size, random weights: Qwen2.5-VL-7B config, connector, DiT 19+38 blocks "

@@ -270,7 +270,9 @@ class EditPipeline:
             image = Image.new("RGB", (int(level), int(level)), (128, 128, 128))
             start = time.perf_counter()
             for n, cfg in (warmup_shapes(max_images) if shapes is None else shapes):
-                fits = self.max_images((int(level), int(level), steps, 0, cfg))  # never more than fits the device
+                # never more than fits the device; not on several ranks: each must run the same shapes
+                single = getattr(self.dit, "parallel_degrees", None) is None
+                fits = self.max_images((int(level), int(level), steps, 0, cfg)) if single else None
                 req = EditRequest(image=image, prompt="warm-up", steps=steps, strength=1.0, seed=0,
                                   n=min(n, fits) if fits else n, guidance_scale=2.5 if cfg else 1.0,
                                   size_level=int(level))
@@ -352,9 +354,10 @@ class EditPipeline:
         return torch.cat(noise).to(dev), posterior(refs), posterior(inits) if use_init else None
 
 
-def build_pipeline(settings: Settings) -> EditPipeline:
+def build_pipeline(settings: Settings, *, mesh=None) -> EditPipeline:  # noqa: ANN001 - a torch DeviceMesh
     """The models named by the settings on their device (real weights, `full`, or the tiny random `dev` preset),
-    with the performance options applied, warmed up when compiled."""
+    with the performance options applied, warmed up when compiled. With `mesh` (one rank of several, see
+    pipeline/parallel.py) the DiT's calls become collective calls of every rank (models/parallel.py)."""
     opts = fastpath.PerfOptions.from_settings(settings)
     opts.validate()
     device = resolve_device(settings.device)
@@ -396,6 +399,10 @@ def build_pipeline(settings: Settings) -> EditPipeline:
         fastpath.quantize_fp8_(dit, device)
     if opts.attention_backend != "native":
         fastpath.set_attention_backend_(dit, opts.attention_backend)
+    if mesh is not None:  # before compiling: the parallel hooks and attention are part of the compiled calls
+        from ..models import parallel
+
+        parallel.parallelize_dit(dit, parallel.Degrees.from_settings(settings), mesh)
     if opts.compile:
         fastpath.compile_blocks_(dit, mode=opts.compile_mode)
     if opts.vae_bf16 or opts.vae_channels_last:
