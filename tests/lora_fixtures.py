@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -64,3 +65,28 @@ def merge_by_hand(official: Mapping[str, torch.Tensor], lora: Mapping[str, torch
         delta = (up.double() @ down.double()) * (scale * alpha / rank)
         merged[layer] = (official[layer].double() + delta).to(official[layer].dtype)
     return merged
+
+
+def dev_preset_loras(directory: Path, names: Iterable[str] = ("fix-hand", "sketch"), rank: int = 8) -> Path:
+    """Official-layout LoRAs on every block layer of the dev preset's DiT (random, strong enough to show)."""
+    from step1x_edit.models import presets
+    from step1x_edit.models.weights import DIT_RULES, to_official
+
+    with torch.device("meta"):
+        dit = presets.Step1XEditTransformer2DModel.from_dit_config(presets.DEV_DIT)
+    official = to_official(dit, DIT_RULES)
+    layers = block_layers(presets.DEV_DIT.depth, presets.DEV_DIT.depth_single_blocks)
+    for seed, name in enumerate(names):
+        save(make_kohya(official, layers, rank=rank, alpha=rank / 2, seed=100 + seed, std=0.3),
+             directory / f"{name}.safetensors")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two, and much faster on a busy machine, where two OpenMP threads spin
+    on each other (tests using it import it: `from lora_fixtures import one_thread`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from lora_fixtures import OUTSIDE, block_layers, kohya_key, make_kohya, merge_by_hand, save  # noqa: E402
+from lora_fixtures import (OUTSIDE, block_layers, kohya_key, make_kohya, merge_by_hand,  # noqa: E402,F401
+                           one_thread, save)
 
 from step1x_edit.models import fastpath  # noqa: E402
 from step1x_edit.models.lora_adapters import LoraAdapters, LoraLibrary  # noqa: E402
@@ -26,18 +27,8 @@ from step1x_edit.pipeline import sampling  # noqa: E402
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The golden model's matmuls are tiny: one thread is faster than two (and much faster on a busy machine,
-    where two threads spin on each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def golden(golden_dir):
+def golden(golden_dir, one_thread):
     g = golden_dir / "tiny-a-v1p1"
     meta = json.loads((g / "cases.json").read_text())
     cfg = dit_config_from_dict(meta["dit_params"], meta["connector_params"], "v1.1")
@@ -211,7 +202,6 @@ def test_the_cache_keeps_at_most_its_size(golden, tmp_path):
     assert ad.loads == 4
 
 
-@pytest.mark.slow  # (dynamo traces the blocks once per variant: ~35 s on a busy 2-core machine)
 def test_hot_swap_never_recompiles_when_adapters_switch(golden, tmp_path):
     """With regional compile, adapters are hot-swapped into slots prepared before compiling. A backend that counts
     its compilations (dynamo decides when to recompile, whatever the backend) sees none after each variant (no

@@ -1,0 +1,111 @@
+"""LoRA adapters through the pipeline and the engine's batching (dev preset, real models): validation at admission,
+the batch key that keeps different adapter sets apart, and switching adapters between batches without a trace."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+from lora_fixtures import dev_preset_loras, one_thread  # noqa: E402,F401
+
+from step1x_edit.engine.queue import Job, JobQueue  # noqa: E402
+from step1x_edit.pipeline.edit import build_pipeline  # noqa: E402
+from step1x_edit.pipeline.types import EditRequest, LoraChoice  # noqa: E402
+from step1x_edit.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, one_thread):
+    loras = dev_preset_loras(tmp_path_factory.mktemp("loras"))
+    return build_pipeline(Settings(preset="dev", size_level=256, device="cpu", lora_dir=loras))
+
+
+def _req(*loras: tuple[str, float], **kw) -> EditRequest:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    base = dict(image=image, prompt="add a hat", steps=1, seed=11, loras=tuple(LoraChoice(n, s) for n, s in loras))
+    base.update(kw)
+    return EditRequest(**base)
+
+
+def _pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0], dtype=np.int16)
+
+
+def test_info_lists_the_adapters(pipe):
+    assert [a["name"] for a in pipe.info()["loras"]] == ["fix-hand", "sketch"]
+    assert pipe.info()["loras"][0] == {"name": "fix-hand", "format": "kohya", "rank": 8, "layers": 40}
+
+
+@pytest.mark.parametrize("loras, message", [
+    ((("nope", 1.0),), "loras: unknown adapter 'nope'; available: fix-hand, sketch"),
+    ((("fix-hand", 1.0), ("fix-hand", 0.5)), "loras: adapter 'fix-hand' is named more than once"),
+    ((("fix-hand", 4.5),), "loras: the scale of 'fix-hand' must be in [-4, 4]"),
+    ((("fix-hand", float("nan")),), "loras: the scale of 'fix-hand' must be in [-4, 4]"),
+    (tuple(("fix-hand", 1.0) for _ in range(5)), "loras: at most 4 adapters per request, got 5"),
+    ((("nope", 0.0),), "loras: unknown adapter 'nope'"),  # (a scale of 0 does not hide a wrong name)
+])
+def test_bad_adapter_choices_are_refused_at_admission_naming_the_field(pipe, loras, message):
+    with pytest.raises(ValueError) as err:
+        pipe.prepare(_req(*loras))
+    assert str(err.value).startswith(message)
+
+
+def test_without_lora_dir_naming_an_adapter_is_refused():
+    plain = build_pipeline(Settings(preset="dev", size_level=256, device="cpu"))
+    with pytest.raises(ValueError, match=r"^loras: this server has no LoRA adapters \(STEP1X_LORA_DIR"):
+        plain.prepare(_req(("fix-hand", 1.0)))
+    assert "loras" not in plain.info()
+
+
+def test_the_batch_key_holds_the_adapter_set(pipe):
+    key = lambda *loras: pipe.prepare(_req(*loras)).key  # noqa: E731
+    assert key() == key(("sketch", 0.0))  # scale 0 changes nothing: it may share a batch with plain requests
+    assert key(("fix-hand", 0.5), ("sketch", 1.0)) == key(("sketch", 1.0), ("fix-hand", 0.5))  # order: same sum
+    assert len({key(), key(("fix-hand", 0.5)), key(("fix-hand", 1.0)), key(("sketch", 0.5))}) == 4
+    assert pipe.prepare(_req(("sketch", 1.0), ("fix-hand", 0.5))).loras == (("fix-hand", 0.5), ("sketch", 1.0))
+
+
+def test_a_queue_mixing_adapter_sets_is_split_into_batches_and_each_runs_with_its_own(pipe):
+    """The engine's queue batches by key: plain requests together, each adapter set apart; a request batched with
+    others gives its output alone (within the one level batching allows), and the plain ones show no adapter."""
+    reqs = [_req(seed=1), _req(("fix-hand", 0.8), seed=1), _req(seed=3), _req(("fix-hand", 0.8), ("sketch", 1.0),
+            seed=4), _req(("fix-hand", 0.8), seed=5), _req(("sketch", 0.0), seed=6)]
+    queue = JobQueue(16)
+    jobs = [Job(prepared=pipe.prepare(r)) for r in reqs]
+    for job in jobs:
+        queue.put(job)
+    batches = []
+    while queue.stats()[0]:
+        batches.append(queue.take_batch(8))
+    index = {id(j): i for i, j in enumerate(jobs)}
+    assert [[index[id(j)] for j in b] for b in batches] == [[0, 2, 5], [1, 4], [3]]
+    results = {}
+    for batch in batches:
+        for job, result in zip(batch, pipe.run([j.prepared for j in batch])):
+            results[index[id(job)]] = _pixels(result)
+    for i in (2, 4):  # batched with others vs alone
+        assert np.abs(results[i] - _pixels(pipe.run([reqs[i]])[0])).max() <= 1
+    assert np.abs(results[0] - results[1]).max() > 10  # same seed: only the adapter differs
+
+
+def test_run_refuses_a_batch_that_mixes_adapter_sets(pipe):
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        pipe.run([_req(), _req(("fix-hand", 1.0))])
+
+
+def test_switching_adapters_between_batches_leaves_nothing_behind(pipe):
+    (base,) = pipe.run([_req()])
+    (a,) = pipe.run([_req(("fix-hand", 1.0))])
+    (ab,) = pipe.run([_req(("fix-hand", 1.0), ("sketch", -0.5))])
+    (b,) = pipe.run([_req(("sketch", -0.5))])
+    (back,) = pipe.run([_req()])
+    (zero,) = pipe.run([_req(("fix-hand", 0.0))])
+    assert np.array_equal(_pixels(back), _pixels(base)) and np.array_equal(_pixels(zero), _pixels(base))
+    assert np.array_equal(_pixels(pipe.run([_req(("fix-hand", 1.0))])[0]), _pixels(a))
+    assert len({_pixels(x).tobytes() for x in (base, a, ab, b)}) == 4
+    assert "lora_switch" in a.timings
