@@ -109,3 +109,19 @@ def test_switching_adapters_between_batches_leaves_nothing_behind(pipe):
     assert np.array_equal(_pixels(pipe.run([_req(("fix-hand", 1.0))])[0]), _pixels(a))
     assert len({_pixels(x).tobytes() for x in (base, a, ab, b)}) == 4
     assert "lora_switch" in a.timings
+
+
+def test_offload_pipeline_takes_adapters(pipe, tmp_path_factory):
+    """Model offload (components moved onto the execution device only while they run) with adapters: they are part
+    of the DiT and move with it. On this CPU-only machine both devices are the CPU, so this checks the hooks and
+    adapters together, not the transfers."""
+    loras = dev_preset_loras(tmp_path_factory.mktemp("loras-offload"))
+    off = build_pipeline(Settings(preset="dev", size_level=256, device="cpu", lora_dir=loras, offload="model"))
+    req = _req(("fix-hand", 0.7))
+    assert np.array_equal(_pixels(off.run([req])[0]), _pixels(pipe.run([req])[0]))
+    assert off.offload.loads[-2:] == ["dit", "vae"]
+
+
+def test_fp8_dynamic_with_adapters_is_refused_at_start_up(tmp_path):
+    with pytest.raises(ValueError, match="lora_dir cannot be combined with fp8_dynamic"):
+        build_pipeline(Settings(preset="dev", device="cpu", lora_dir=tmp_path, fp8_dynamic=True))

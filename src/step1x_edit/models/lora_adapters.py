@@ -97,6 +97,7 @@ class LoraAdapters:
         self._loaded: OrderedDict[str, str] = OrderedDict()  # eager: name -> PEFT adapter name, oldest first
         self._counter = 0
         self._any = False  # any adapter layer on the model (so there is something to disable)
+        self._active: tuple | None = None  # what was last made active (set_adapters / set_adapter), still in force
         # hot-swap: name -> state dict ready to copy into a slot; what each slot holds
         self._cached: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._slots: list[Choice | None] = []
@@ -127,6 +128,7 @@ class LoraAdapters:
                 break
             adapter = cache.pop(name)
             if not self.hotswap:
+                self._active = None
                 self.dit.delete_adapters([adapter])
             self.evictions += 1
             log.info("LoRA %r dropped from the cache", name)
@@ -141,6 +143,7 @@ class LoraAdapters:
         adapter = f"lora{self._counter}"  # PEFT names are module keys: no dots, so not the file stem
         self._counter += 1
         layers = {k.rsplit(".lora_", 1)[0] for k in sd}
+        self._active = None  # (PEFT activates a new adapter)
         self.dit.load_lora_adapter(sd, prefix=None, adapter_name=adapter, metadata=lora_config(rank, layers),
                                    low_cpu_mem_usage=True)
         self._any = True
@@ -235,11 +238,19 @@ class LoraAdapters:
         self.library.check([n for n, _ in choices])
         try:
             if self.hotswap:
-                self.dit.set_adapter(self._swap_in(choices))
+                slots = tuple(self._swap_in(choices))
+                if slots != self._active:  # (a swap copies weights into the slots; which are active is unchanged)
+                    self._active = None
+                    self.dit.set_adapter(list(slots))
+                    self._active = slots
             else:
                 keep = {n for n, _ in choices}
                 names = [self._ensure_loaded(n, keep) for n, _ in choices]
-                self.dit.set_adapters(names, [float(s) for _, s in choices])
+                state = (tuple(names), tuple(float(s) for _, s in choices))
+                if state != self._active:  # (the same set as the last batch: set already, only switched off)
+                    self._active = None
+                    self.dit.set_adapters(list(state[0]), list(state[1]))
+                    self._active = state
             self.dit.enable_lora()
             yield
         finally:
