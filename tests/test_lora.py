@@ -282,3 +282,15 @@ def test_corrupt_tensors_are_refused_on_first_use(golden, tmp_path):
     with pytest.raises(ValueError, match="cannot be used: .*nan.safetensors.*NaN/Inf"):
         ad.library.check(["nan"])
     assert torch.equal(forward(ad.dit, golden.inputs), base)
+
+
+def test_adapters_first_used_in_inference_mode_work_outside_it(golden, tmp_path):
+    """The pipeline's run is in inference mode; adapters it loads must still switch outside it (PEFT toggles their
+    requires_grad, which inference tensors refuse there)."""
+    save(make_kohya(golden.official, golden.layers, seed=15), tmp_path / "a.safetensors")
+    save(make_kohya(golden.official, golden.layers, seed=16), tmp_path / "b.safetensors")
+    ad = adapters(golden.load(), golden.config, tmp_path)
+    with torch.inference_mode():
+        inside = run(ad, [("a", 1.0)], golden.inputs)
+    assert torch.equal(run(ad, [("a", 1.0)], golden.inputs), inside)
+    run(ad, [("b", 1.0)], golden.inputs)

@@ -125,3 +125,36 @@ def test_offload_pipeline_takes_adapters(pipe, tmp_path_factory):
 def test_fp8_dynamic_with_adapters_is_refused_at_start_up(tmp_path):
     with pytest.raises(ValueError, match="lora_dir cannot be combined with fp8_dynamic"):
         build_pipeline(Settings(preset="dev", device="cpu", lora_dir=tmp_path, fp8_dynamic=True))
+
+
+@pytest.mark.slow  # (inductor compiles the blocks on the CPU: ~1.5 min on 2 cores)
+def test_compiled_pipeline_switches_adapters_without_recompiling(tmp_path_factory, one_thread):
+    """compile=True with adapters: hot-swap slots are prepared before compiling; once a variant (no adapter, one,
+    two) has been met, switching adapters adds no compiled graph, and switching back gives the base pixels."""
+    import torch
+
+    from torch._dynamo.utils import counters
+
+    loras = dev_preset_loras(tmp_path_factory.mktemp("loras-compile"))
+    torch._dynamo.reset()
+    compiled = build_pipeline(Settings(preset="dev", size_level=256, device="cpu", lora_dir=loras, compile=True))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+
+    def run(*loras):
+        before = counters["stats"]["unique_graphs"]
+        (result,) = compiled.run([_req(*loras, image=image)])
+        return _pixels(result), counters["stats"]["unique_graphs"] - before
+
+    base, new = run()
+    assert new == 0  # the start-up warm-up compiled this one
+    one, new = run(("fix-hand", 0.8))
+    assert new > 0  # the first batch with one adapter compiles that variant once
+    two, new = run(("fix-hand", 0.8), ("sketch", 1.0))
+    for loras, want in [((("sketch", 1.0),), None), ((), base), ((("fix-hand", 0.8),), one),
+                        ((("sketch", -1.0), ("fix-hand", 2.0)), None), ((("fix-hand", 0.8), ("sketch", 1.0)), two)]:
+        pixels, new = run(*loras)
+        assert new == 0, f"recompiled for {loras}"
+        if want is not None:
+            assert np.array_equal(pixels, want)
+    assert compiled.adapters.hotswap and compiled.adapters.swaps >= 5
+    torch._dynamo.reset()

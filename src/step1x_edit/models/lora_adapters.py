@@ -139,13 +139,16 @@ class LoraAdapters:
             return self._loaded[name]
         self._evict_until(1, keep)
         t0 = time.perf_counter()
-        sd, rank = self._convert(name)
         adapter = f"lora{self._counter}"  # PEFT names are module keys: no dots, so not the file stem
         self._counter += 1
-        layers = {k.rsplit(".lora_", 1)[0] for k in sd}
         self._active = None  # (PEFT activates a new adapter)
-        self.dit.load_lora_adapter(sd, prefix=None, adapter_name=adapter, metadata=lora_config(rank, layers),
-                                   low_cpu_mem_usage=True)
+        # plain tensors even when called in inference mode (the pipeline's run): PEFT later toggles requires_grad
+        # on them, which inference tensors refuse outside inference mode
+        with torch.inference_mode(False):
+            sd, rank = self._convert(name)
+            layers = {k.rsplit(".lora_", 1)[0] for k in sd}
+            self.dit.load_lora_adapter(sd, prefix=None, adapter_name=adapter, metadata=lora_config(rank, layers),
+                                       low_cpu_mem_usage=True)
         self._any = True
         self._loaded[name] = adapter
         log.info("LoRA %r loaded (rank %d, %d layers) in %.2f s", name, rank, len(layers), time.perf_counter() - t0)
@@ -174,9 +177,10 @@ class LoraAdapters:
             layer = self.dit.get_submodule(name)
             zeros[name + ".lora_A.weight"] = torch.zeros(rank, layer.in_features, dtype=dtype, device=device)
             zeros[name + ".lora_B.weight"] = torch.zeros(layer.out_features, rank, dtype=dtype, device=device)
-        for i in range(self.slots):
-            self.dit.load_lora_adapter(zeros, prefix=None, adapter_name=f"slot{i}",
-                                       metadata=lora_config(rank, layers), low_cpu_mem_usage=False)
+        with torch.inference_mode(False):  # (as in _ensure_loaded)
+            for i in range(self.slots):
+                self.dit.load_lora_adapter(zeros, prefix=None, adapter_name=f"slot{i}",
+                                           metadata=lora_config(rank, layers), low_cpu_mem_usage=False)
         prepare_model_for_compiled_hotswap(self.dit, target_rank=rank, check_compiled="error")
         self.dit.disable_lora()
         self.hotswap, self._any = True, True
