@@ -158,3 +158,52 @@ def test_compiled_pipeline_switches_adapters_without_recompiling(tmp_path_factor
             assert np.array_equal(pixels, want)
     assert compiled.adapters.hotswap and compiled.adapters.swaps >= 5
     torch._dynamo.reset()
+
+
+def _dit_with_adapters(rank, mesh, lora_dir, choices):  # noqa: ANN001 - one rank of run_spmd (mesh None: alone)
+    import torch
+
+    from step1x_edit.models import presets
+    from step1x_edit.models.lora_adapters import LoraAdapters, LoraLibrary
+    from step1x_edit.models.parallel import Degrees, parallelize_dit
+    from step1x_edit.pipeline import sampling
+
+    dit = presets.build_dev_dit(0)
+    if mesh is not None:
+        parallelize_dit(dit, Degrees(cfg=2), mesh)
+    adapters = LoraAdapters(dit, LoraLibrary(lora_dir, presets.DEV_DIT), 8, 4)
+    g = torch.Generator().manual_seed(0)
+    tgt, ref = torch.randn(2, 16, 8, 12, generator=g), torch.randn(2, 16, 8, 12, generator=g)
+    img = torch.cat([sampling.pack(tgt), sampling.pack(ref)], 1)
+    ids = torch.cat([sampling.image_ids(8, 12), sampling.image_ids(8, 12, reference=True)])
+    emb = torch.randn(2, 7, presets.DEV_DIT.connector.in_channels, generator=g)
+    t = torch.tensor([0.7, 0.7])
+    with torch.inference_mode():
+        out = []
+        for plan in choices:
+            with adapters.applied(plan):
+                out.append(dit(img, ids, torch.zeros(7, 3), t, emb, t, torch.ones(2, 7)))
+    return out
+
+
+@pytest.mark.slow  # (two spawned ranks: ~30 s on a busy 2-core machine)
+def test_cfg_parallel_ranks_apply_the_same_adapters(tmp_path):
+    """Two CFG-parallel ranks (Gloo on the CPU), each with its own adapters, in step: as one process."""
+    from step1x_edit.models.parallel import Degrees
+    from step1x_edit.pipeline.parallel import run_spmd
+
+    loras = dev_preset_loras(tmp_path / "loras")
+    plans = [[], [("fix-hand", 0.8)], [("fix-hand", 0.8), ("sketch", -1.0)], []]
+    alone = _dit_with_adapters(0, None, loras, plans)
+    together = run_spmd(Degrees(cfg=2), _dit_with_adapters, (loras, plans))
+    for a, b in zip(alone, together):
+        assert (a - b).abs().max() <= 1e-5
+    assert (alone[1] - alone[0]).abs().max() > 1e-2 and (alone[3] - alone[0]).abs().max() == 0
+
+
+def test_sequence_parallelism_with_adapters_is_refused_before_any_rank_starts(tmp_path):
+    from step1x_edit.pipeline.parallel import startup_problems
+
+    bad = startup_problems(Settings(preset="dev", device="cpu", lora_dir=tmp_path, ulysses_degree=2))
+    assert any("lora_dir cannot be combined with ulysses_degree / ring_degree" in b for b in bad)
+    assert startup_problems(Settings(preset="dev", device="cpu", lora_dir=tmp_path, cfg_parallel=2)) == []

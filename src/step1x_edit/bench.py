@@ -572,6 +572,10 @@ class ModeRunner:
         self.args, self.d, self.device, self.dtype = args, d, device, dtype
         self.report, self.baseline_ms, self.budget = report, baseline_ms, budget
         self.pipe = build_ours(d, device, dtype, args.seed)
+        if getattr(args, "mesh", None) is not None:  # --cfg-parallel / --ulysses-degree / --ring-degree (cli.py)
+            from .models.parallel import parallelize_dit
+
+            parallelize_dit(self.pipe.dit, args.degrees, args.mesh)
         self.active: list[str] = []
         self.compiled = False
         self.eager_out: dict[int, torch.Tensor] = {}
@@ -870,6 +874,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         report.env = environment(device)
         report.env["dtype"] = str(dtype).removeprefix("torch.")
+        if getattr(args, "degrees", None) is not None:
+            report.env["parallel"] = f"{args.degrees.describe()} (our DiT only; the baseline and parity on each rank)"
         report.env["model"] = (
             "dev dimensions (DiT hidden 128, 2+2 blocks; tiny Qwen2.5-VL; dev VAE)" if tiny else
             "Step1X-Edit v1.1 full size, random weights: Qwen2.5-VL-7B config, connector, DiT 19+38 blocks "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,6 @@ def lora_arg(text: str):
 
 def _edit(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
-    from tqdm import tqdm
 
     from pydantic import ValidationError
 
@@ -50,15 +50,30 @@ def _edit(args: argparse.Namespace) -> int:
     except (OSError, UnidentifiedImageError) as e:
         print(f"error: cannot read image {args.image}: {e}", file=sys.stderr)
         return 2
-    from .pipeline.edit import build_pipeline
+    from .pipeline.parallel import build_any_pipeline, startup_problems
+
+    bad = startup_problems(settings)
+    if bad:
+        print("error: " + "\n  ".join(["impossible parallel settings:", *bad]), file=sys.stderr)
+        return 2
+    try:
+        pipe = build_any_pipeline(settings)  # several ranks: the worker ranks start here
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _edit_with(pipe, args, image)
+    finally:
+        if hasattr(pipe, "close"):  # several ranks: stop the workers
+            pipe.close()
+
+
+def _edit_with(pipe, args: argparse.Namespace, image) -> int:  # noqa: ANN001 - a PipelineLike, a PIL image
+    from tqdm import tqdm
+
     from .pipeline.sampling import start_index
     from .pipeline.types import EditRequest
 
-    try:
-        pipe = build_pipeline(settings)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     req = EditRequest(image=image, prompt=args.instruction, negative_prompt=args.negative, n=args.n,
                       steps=args.steps, guidance_scale=args.guidance, strength=args.strength, seed=args.seed,
                       loras=tuple(args.lora or ()))
@@ -86,21 +101,74 @@ def _edit(args: argparse.Namespace) -> int:
     for path, img in zip(paths, result.images):
         img.save(path)
     w, h = result.images[0].size
+    info = pipe.info()
     print(f"wrote {', '.join(map(str, paths))}: {w}x{h}, seed {result.seeds[0]}"
           + (f"..{result.seeds[-1]}" if len(result.seeds) > 1 else "")
           + "".join(f", lora {name}:{scale:g}" for name, scale in prepared.loras)
-          + f", {elapsed:.1f} s ({pipe.info()['preset']} preset, {pipe.info()['device']})")
+          + f", {elapsed:.1f} s ({info['preset']} preset, {info['device']}"
+          + (f", {info['parallel']}" if "parallel" in info else "") + ")")
     return 0
 
 
 def _check_reference(args: argparse.Namespace) -> int:
-    from .reference import main as check
+    from pydantic import ValidationError
 
+    from .models.parallel import Degrees
+    from .reference import main as check, main_parallel
+
+    try:
+        degrees = Degrees.from_settings(settings_from_args(args))
+    except ValidationError as e:
+        print(f"error: invalid setting: {e}", file=sys.stderr)
+        return 2
+    if degrees.world_size > 1:  # one group of ranks for every directory
+        return main_parallel(args.directories, degrees, verbose=args.verbose)
     status = 0
     for d in args.directories:
         print(f"== {d}")
         status |= check(d, verbose=args.verbose)
     return status
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """`bench`, on one device or (parallel flags) as the same program on every rank, rank 0 reporting."""
+    from .bench import run_bench
+
+    settings = settings_from_args(args)
+    if settings.cfg_parallel * settings.ulysses_degree * settings.ring_degree == 1:
+        return run_bench(args)
+    import torch
+
+    from .models import presets
+    from .models.parallel import Degrees, problems
+    from .pipeline.parallel import run_spmd
+
+    degrees = Degrees.from_settings(settings)
+    device_type = "cpu" if args.tiny or (args.device or "").startswith("cpu") else "cuda"
+    bad = problems(degrees, heads=(presets.DEV_DIT if args.tiny else presets.FULL_DIT).num_heads,
+                   device_type=device_type, device_count=torch.cuda.device_count() if device_type == "cuda" else 0,
+                   dtype="float32" if args.tiny else "bfloat16")
+    if bad:
+        print("bench: " + "\n  ".join(["impossible parallel settings:", *bad]), file=sys.stderr)
+        return 2
+    modes = [m for m in args.modes.split(",") if m.strip()]
+    if "cache" in modes:  # each rank would skip blocks on its own: see models/parallel.py
+        print("bench: the cache mode does not run on several ranks; left out", file=sys.stderr)
+        args.modes = ",".join(m for m in modes if m != "cache")
+    args.command_line = getattr(args, "command_line", None) or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    return run_spmd(degrees, _bench_rank, (args, degrees), device_type=device_type,
+                    timeout_s=settings.parallel_timeout_s)
+
+
+def _bench_rank(rank: int, mesh, args: argparse.Namespace, degrees) -> int:  # noqa: ANN001
+    from .bench import run_bench
+
+    args = argparse.Namespace(**vars(args), mesh=mesh, degrees=degrees)
+    if args.device is None or args.device.startswith("cuda"):
+        args.device = "cpu" if args.tiny else f"cuda:{rank}"
+    if rank:  # rank 0 writes the report and the log
+        args.out, args.log = None, os.devnull
+    return run_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,12 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--lora", type=lora_arg, action="append", metavar="NAME[:SCALE]",
                       help="a LoRA adapter of --lora-dir by name (file stem), scale 1 by default; repeat for more "
                            "(at most 4)")
-    add_settings_arguments(edit, ("model", "performance"))
+    add_settings_arguments(edit, ("model", "performance", "parallel"))
 
     ref = sub.add_parser("check-reference", help="compare against golden tensors of the official code")
     ref.add_argument("directories", nargs="+", metavar="DIR")
+    add_settings_arguments(ref, ("parallel",))
 
-    add_bench_arguments(sub.add_parser("bench", help="speed table: full-size model, random weights, GPU (--tiny: CPU smoke run)"))
+    bench = sub.add_parser("bench", help="speed table: full-size model, random weights, GPU (--tiny: CPU smoke run)")
+    add_bench_arguments(bench)
+    add_settings_arguments(bench, ("parallel",))
     add_download_arguments(sub.add_parser("download", help="fetch the weights from the Hugging Face Hub and verify them"))
     return parser
 
@@ -150,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "edit":
         return _edit(args)
     if args.command == "bench":
-        from .bench import run_bench
-
-        return run_bench(args)
+        return _bench(args)
     if args.command == "download":
         from .download import run_download
 

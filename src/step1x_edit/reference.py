@@ -5,6 +5,10 @@ inputs), `cases.safetensors` (input/output tensors named `<case>.<name>`) and th
 layout (`dit.safetensors`, `vae.safetensors`). Cases are recognised by their content, so directories with other
 dimensions, seeds or versions work too; a case of a kind this checker does not know is reported as skipped,
 which fails the check.
+
+With parallel degrees (`--cfg-parallel`, `--ulysses-degree`, `--ring-degree`) every case runs on that many ranks
+(CPU processes, Gloo; pipeline/parallel.py `run_spmd`): each rank loads the same weights, the DiT's calls become
+collective calls (models/parallel.py), and rank 0 reports. The tolerances are the same.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class _Checker:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, mesh=None, degrees=None):  # noqa: ANN001 - a DeviceMesh, models.parallel.Degrees
         self.dir = directory
+        self.mesh, self.degrees = mesh, degrees
         self.meta = json.loads((directory / "cases.json").read_text())
         self.t = load_file(str(directory / "cases.safetensors"))
         self.version = self.meta.get("version") or ("v1.1" if "v1.1" in str(self.meta.get("dit_params", {})) else "v1.0")
@@ -63,6 +68,10 @@ class _Checker:
         if self._dit is None:
             cfg = dit_config_from_dict(self.meta["dit_params"], self.meta.get("connector_params"), self.version)
             self._dit, _ = load_dit(self.dir / "dit.safetensors", cfg, version=self.version)
+            if self.mesh is not None:
+                from .models.parallel import parallelize_dit
+
+                parallelize_dit(self._dit, self.degrees, self.mesh)
         return self._dit
 
     @property
@@ -226,12 +235,34 @@ class _Checker:
         return self.results
 
 
-def check_reference(directory: str | Path) -> list[CaseResult]:
+def check_reference(directory: str | Path, *, mesh=None, degrees=None) -> list[CaseResult]:  # noqa: ANN001
+    """Every case of a golden directory; with `mesh` / `degrees`, as one rank of a parallel group (every rank
+    calls this with the same directory)."""
     directory = Path(directory)
     for f in ("cases.json", "cases.safetensors"):
         if not (directory / f).is_file():
             raise FileNotFoundError(f"{directory}: no {f} (not a golden reference directory)")
-    return _Checker(directory).run()
+    return _Checker(directory, mesh, degrees).run()
+
+
+def _check_on_rank(rank: int, mesh, directories: list[str], degrees) -> list[list[CaseResult]]:  # noqa: ANN001
+    return [check_reference(d, mesh=mesh, degrees=degrees) for d in directories]
+
+
+def check_reference_parallel(directories: list[str | Path], degrees, timeout_s: float = 300.0):  # noqa: ANN001
+    """`check_reference` of each directory on `degrees.world_size` CPU ranks (one group; this process is rank 0):
+    rank 0's results, per directory."""
+    from .models.parallel import problems
+    from .pipeline.parallel import run_spmd
+
+    for directory in map(Path, directories):
+        if not (directory / "cases.json").is_file():
+            raise FileNotFoundError(f"{directory}: no cases.json (not a golden reference directory)")
+        heads = int(json.loads((directory / "cases.json").read_text())["dit_params"]["num_heads"])
+        bad = problems(degrees, heads=heads, device_type="cpu", device_count=0)
+        if bad:
+            raise ValueError(f"{directory}: " + "; ".join(bad))
+    return run_spmd(degrees, _check_on_rank, ([str(d) for d in directories], degrees), timeout_s=timeout_s)
 
 
 def main(directory: str, verbose: bool = False) -> int:
@@ -240,6 +271,26 @@ def main(directory: str, verbose: bool = False) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"check-reference: {e}")
         return 1
+    return report(results, verbose)
+
+
+def main_parallel(directories: list[str], degrees, verbose: bool = False) -> int:  # noqa: ANN001
+    """Every directory on several ranks; the same report per directory as `main`."""
+    print(f"({degrees.describe()}, CPU processes, Gloo)", flush=True)
+    try:
+        per_dir = check_reference_parallel(directories, degrees)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"check-reference: {e}")
+        return 1
+    status = 0
+    for d, results in zip(directories, per_dir, strict=True):
+        print(f"== {d}")
+        status |= report(results, verbose)
+    return status
+
+
+def report(results: list[CaseResult], verbose: bool = False) -> int:
+    """Print the table; 1 if any case failed or was skipped."""
     print(f"{'case':<40} {'max abs err':>12} {'tolerance':>10}  status")
     for r in results:
         err = "-" if r.max_err is None else f"{r.max_err:.3g}"

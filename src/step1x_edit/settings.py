@@ -23,6 +23,7 @@ def _opt(group: str, description: str, *, flag: str | None = None, cli: bool = T
 
 
 MODEL, SERVER, ENGINE, LIMITS, OUTPUTS, PERF = "model", "server", "engine", "input limits", "outputs", "performance"
+PARALLEL = "parallel"
 
 
 class Settings(BaseSettings):
@@ -142,6 +143,19 @@ class Settings(BaseSettings):
                                    "and an fp8 GPU; combines with dit_fp8; approximate)", default=False)
     offload: Literal["none", "model"] = _opt(PERF, "model = encoder/DiT/VAE kept on the CPU, each moved to the GPU "
                                                    "only while it runs", default="none")
+
+    # --- parallel ----------------------------------------------------------------------------------------------
+    # One request on several ranks (GPUs of this machine; CPU processes with Gloo): the command starts
+    # cfg_parallel x ulysses_degree x ring_degree ranks itself (pipeline/parallel.py, models/parallel.py).
+    cfg_parallel: int = _opt(PARALLEL, "CFG-parallel: 2 = the prompt and the negative-prompt rows of each step on two "
+                                       "ranks, combined every step (1 = off)", default=1, ge=1, le=2)
+    ulysses_degree: int = _opt(PARALLEL, "sequence parallel: ranks that split the tokens, attention by Ulysses "
+                                         "all-to-all (must divide the 24 heads)", default=1, ge=1, le=64)
+    ring_degree: int = _opt(PARALLEL, "sequence parallel: ranks that split the tokens, attention by ring (key/value "
+                                      "blocks passed round; combines with ulysses_degree)", default=1, ge=1, le=64)
+    parallel_timeout_s: float = _opt(PARALLEL, "with several ranks: a collective (or a rank's start-up) that takes "
+                                               "longer fails, and every rank stops (the jobs get 503)",
+                                     default=300.0, gt=0)
 
 
 PERFORMANCE_FIELDS = tuple(n for n, f in Settings.model_fields.items() if (f.json_schema_extra or {}).get("group") == PERF)

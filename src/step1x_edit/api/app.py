@@ -55,9 +55,10 @@ IMAGE_ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _default_factory(settings: Settings) -> Callable[[], PipelineLike]:
     def build() -> PipelineLike:
-        from ..pipeline.edit import build_pipeline  # torch is imported on the worker thread, not by the api
+        # torch is imported on the worker thread, not by the api; several ranks: the worker ranks start here
+        from ..pipeline.parallel import build_any_pipeline
 
-        return build_pipeline(settings)
+        return build_any_pipeline(settings)
 
     return build
 

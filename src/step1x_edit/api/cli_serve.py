@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -48,6 +49,13 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"step1x-edit serve: invalid setting: {exc}", file=sys.stderr)
         return 2
+    if settings.cfg_parallel * settings.ulysses_degree * settings.ring_degree > 1:
+        from ..pipeline.parallel import startup_problems  # imports torch: only with several ranks
+
+        bad = startup_problems(settings)
+        if bad:
+            print("step1x-edit serve: " + "\n  ".join(["impossible parallel settings:", *bad]), file=sys.stderr)
+            return 2
     import uvicorn
 
     from .app import create_app
@@ -77,10 +85,18 @@ def run_serve(args: argparse.Namespace) -> int:
     def stop(signum: int, frame: object) -> None:
         server.should_exit = True
 
+    # Several ranks: when one dies the engine fails its jobs (503) and the server stops, so that every rank exits
+    # together (status 1, for a supervisor to restart the group).
+    engine = app.state.server.engine
+    engine.add_lost_listener(lambda reason: setattr(server, "should_exit", True))
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if engine.lost_reason is not None:
+        print(f"step1x-edit serve: stopped: {engine.lost_reason}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(1)  # a rank may still sit in a collective that only its timeout would end: do not wait for it
     return 0 if server.started else 1

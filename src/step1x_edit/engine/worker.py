@@ -18,6 +18,7 @@ from ..pipeline.types import (
     EditRequest,
     EditResult,
     JobEvent,
+    PipelineLost,
     PreparedEdit,
     Preview,
     PreviewCallback,
@@ -38,7 +39,11 @@ class PipelineLike(Protocol):
     """Everything the engine asks of `pipeline.edit.EditPipeline`: prepare a request at admission (any thread;
     ValueError = the client's mistake), run a batch of prepared requests with equal keys on the worker thread
     (reporting steps and previews, stopping between steps when asked: `Cancelled`), describe itself, and free
-    memory after an out-of-memory error."""
+    memory after an out-of-memory error.
+
+    Optional: `watch(listener)` (a pipeline of several ranks calls `listener(reason)` when it can run nothing more,
+    e.g. a rank died: the engine then fails its jobs with 503 and stops) and `close()` (called once the worker
+    stops: the pipeline's worker ranks are told to stop)."""
 
     def prepare(self, request: EditRequest) -> PreparedEdit: ...
     def run(self, batch: list[PreparedEdit], *, on_step: StepCallback | None = None,
@@ -84,6 +89,8 @@ class Engine:
         self._loaded = threading.Event()
         self._thread = threading.Thread(target=self._main, name="step1x-worker", daemon=True)
         self._running: list[Job] = []
+        self.lost_reason: str | None = None
+        self._lost_listeners: list[Callable[[str], None]] = []
         if metrics is not None:
             metrics.bind_engine(self.stats, lambda: self.ready)
 
@@ -99,6 +106,8 @@ class Engine:
         return (self.pipeline is not None and self._thread.is_alive() and not self.queue.closed)
 
     def not_ready_reason(self) -> str:
+        if self.lost_reason is not None:
+            return f"the pipeline stopped: {self.lost_reason}"
         if self.queue.closed:
             return "the server is shutting down"
         if self.load_error is not None:
@@ -120,6 +129,30 @@ class Engine:
             if not job.future.done():
                 job.future.set_exception(EngineClosed("the server shut down before this job ran"))
         return not self._thread.is_alive() and not leftovers
+
+    def add_lost_listener(self, listener: Callable[[str], None]) -> None:
+        """`listener(reason)` once the pipeline is lost (see `lost`); `serve` stops the server on it."""
+        self._lost_listeners.append(listener)
+
+    def lost(self, reason: str) -> None:
+        """The pipeline can run nothing more (a rank of a multi-process pipeline died or failed): the running and
+        queued jobs fail with EngineClosed (503), admission stops, the listeners are told. Any thread, once."""
+        if self.lost_reason is not None:
+            return
+        self.lost_reason = reason
+        log.error("pipeline lost: %s; failing the running and queued jobs", reason)
+        self.queue.close()
+        exc = EngineClosed(f"the pipeline stopped: {reason}")
+        jobs = [j for j in [*self._running, *self.queue.clear()] if not j.future.done()]
+        for job in jobs:
+            _settle(job, exc=exc)
+        if self.metrics and jobs:
+            self.metrics.jobs.labels("failed").inc(len(jobs))
+        for listener in self._lost_listeners:
+            try:
+                listener(reason)
+            except Exception:  # noqa: BLE001
+                log.exception("a lost-pipeline listener failed")
 
     # --- admission -----------------------------------------------------------------------------------------
     def submit(self, request: EditRequest, listener: Callable[[JobEvent], None] | None = None) -> Job:
@@ -151,6 +184,9 @@ class Engine:
         try:
             self.pipeline = self._factory()
             self.info = dict(self.pipeline.info())
+            watch = getattr(self.pipeline, "watch", None)  # several ranks: a rank's death stops the engine
+            if watch is not None:
+                watch(self.lost)
             log.info("pipeline ready: %s", self.info)
         except BaseException as exc:  # noqa: BLE001 - reported through /ready and 503s
             self.load_error = exc
@@ -171,6 +207,12 @@ class Engine:
                 for job in live:
                     _settle(job, exc=RuntimeError(f"worker error: {exc!r}"))
                 self._running = []
+        close = getattr(self.pipeline, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the pipeline failed")
         log.info("worker stopped")
 
     def _run_batch(self, batch: list[Job]) -> None:
@@ -187,6 +229,9 @@ class Engine:
                 _settle(job, exc=Aborted("cancelled by the client"))
             if self.metrics:
                 self.metrics.jobs.labels("aborted").inc(len(batch))
+            return
+        except PipelineLost as exc:  # no retry: nothing can run any more
+            self.lost(str(exc))
             return
         except Exception as exc:  # noqa: BLE001
             if is_out_of_memory(exc):

@@ -339,9 +339,10 @@ class EditPipeline:
         return torch.cat(noise).to(dev), posterior(refs), posterior(inits) if use_init else None
 
 
-def build_pipeline(settings: Settings) -> EditPipeline:
+def build_pipeline(settings: Settings, *, mesh=None) -> EditPipeline:  # noqa: ANN001 - a torch DeviceMesh
     """The models named by the settings on their device (real weights, `full`, or the tiny random `dev` preset),
-    with the performance options applied, warmed up when compiled."""
+    with the performance options applied, warmed up when compiled. With `mesh` (one rank of several, see
+    pipeline/parallel.py) the DiT's calls become collective calls of every rank (models/parallel.py)."""
     opts = fastpath.PerfOptions.from_settings(settings)
     opts.validate()
     if settings.lora_dir is not None and opts.fp8_dynamic:
@@ -384,6 +385,10 @@ def build_pipeline(settings: Settings) -> EditPipeline:
         fastpath.quantize_fp8_(dit, device)
     if opts.attention_backend != "native":
         fastpath.set_attention_backend_(dit, opts.attention_backend)
+    if mesh is not None:  # before compiling: the parallel hooks and attention are part of the compiled calls
+        from ..models import parallel
+
+        parallel.parallelize_dit(dit, parallel.Degrees.from_settings(settings), mesh)
     adapters = None
     if settings.lora_dir is not None:
         adapters = build_adapters(dit, dit.dit_config, settings.lora_dir, settings.lora_cache_size, MAX_LORAS)

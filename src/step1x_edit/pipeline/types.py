@@ -107,3 +107,8 @@ StopCheck = Callable[[], bool]
 
 class Cancelled(Exception):
     """`run` stopped between steps because `should_stop()` said so."""
+
+
+class PipelineLost(Exception):
+    """The pipeline can run nothing more: a rank of a multi-process pipeline died or failed mid-batch (the ranks run
+    in lockstep, so the others cannot go on). The engine answers its jobs with 503 and stops admitting."""
