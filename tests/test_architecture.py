@@ -24,6 +24,8 @@ ALLOWED = {
     "pipeline": {"models", "settings"},
     "engine": {"pipeline"},
     "api": {"engine", "pipeline", "models", "storage", "settings", "cli_args", "__init__"},
+    # Ray Serve (imported only by cli.py when --ray is asked for; nothing else imports it, see below)
+    "deploy": {"api", "engine", "pipeline", "storage", "settings", "cli_args"},
 }
 
 
@@ -76,3 +78,11 @@ def test_the_http_side_and_the_cli_parser_never_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_only_the_command_line_imports_the_ray_deployment():
+    """deploy/ needs the [ray] extra: the plain server must run without it, so only `cli.py` (on --ray) imports it."""
+    importers = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+                       if _part("step1x_edit." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)) != "deploy"
+                       and any(_part(name) == "deploy" for name in _imports(path)))
+    assert importers == ["cli.py"]

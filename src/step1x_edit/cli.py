@@ -211,10 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _asks_for_ray(args: argparse.Namespace) -> bool:
+    """`--ray`, or STEP1X_RAY=1 without `--no-ray` (settings errors are left to the serve command to report)."""
+    if args.ray is not None:
+        return bool(args.ray)
+    try:
+        return settings_from_args(args).ray
+    except Exception:  # noqa: BLE001 - pydantic's ValidationError: run_serve reports it
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
+        if _asks_for_ray(args):  # Ray Serve: deploy/ (the [ray] extra), imported only here
+            from .deploy.cli import run_serve_ray
+
+            return run_serve_ray(args)
         from .api.cli_serve import run_serve
 
         return run_serve(args)

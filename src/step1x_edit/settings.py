@@ -24,6 +24,7 @@ def _opt(group: str, description: str, *, flag: str | None = None, cli: bool = T
 
 MODEL, SERVER, ENGINE, LIMITS, OUTPUTS, PERF = "model", "server", "engine", "input limits", "outputs", "performance"
 PARALLEL = "parallel"
+SCALE = "scale-out"
 
 
 class Settings(BaseSettings):
@@ -105,11 +106,34 @@ class Settings(BaseSettings):
                              flag="--url-expiry")
     public_base_url: str | None = _opt(OUTPUTS, "base URL put in links (default: the request's own)", default=None)
     url_signing_key: SecretStr | None = _opt(OUTPUTS, "HMAC key of links (default: a random key kept in the storage "
-                                                      "directory)", default=None, cli=False)
+                                                      "directory; with storage_url: required, the same on every "
+                                                      "replica, at least 32 characters)", default=None, cli=False)
     janitor_interval_s: float = _opt(OUTPUTS, "seconds between sweeps of expired outputs", default=3600.0, gt=0)
     b64_json_style: Literal["plain", "data_uri"] = _opt(
         OUTPUTS, "b64_json as plain base64 (OpenAI's form) or as data:image/png;base64,... (the hosted example's)",
         default="plain", flag="--b64-style")
+    # An object store instead of storage_dir (storage/s3.py; needs the [s3] extra). Credentials: the standard AWS
+    # chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles); region: AWS_DEFAULT_REGION.
+    storage_url: str | None = _opt(OUTPUTS, "s3://BUCKET/PREFIX: keep url outputs in an S3-compatible object store "
+                                            "(needs the [s3] extra and STEP1X_URL_SIGNING_KEY unless s3_presigned); "
+                                            "unset: storage_dir", default=None,
+                                 pattern=r"^s3://[^/?#\s]+(/[^?#\s]*)?$")
+    s3_endpoint_url: str | None = _opt(OUTPUTS, "endpoint of a non-AWS S3 server (MinIO, SeaweedFS, Ceph, R2...), "
+                                                "e.g. http://127.0.0.1:8333", default=None)
+    s3_presigned: bool = _opt(OUTPUTS, "url outputs are S3 presigned GET links (SigV4: url_expiry_s at most 7 days) "
+                                       "instead of this server's signed links", default=False)
+
+    # --- scale-out (deploy/: Ray Serve; needs the [ray] extra) ---------------------------------------------------
+    ray: bool = _opt(SCALE, "serve through Ray Serve: this HTTP app as the ingress, the engine + pipeline as a "
+                            "deployment of `replicas` replicas (one GPU each; CPU replicas where there is no GPU)",
+                     default=False)
+    replicas: str = _opt(SCALE, "with ray: N replicas, or MIN:MAX to autoscale on ongoing requests", default="1",
+                         pattern=r"^[1-9][0-9]{0,3}(:[1-9][0-9]{0,3})?$")
+    ray_address: str | None = _opt(SCALE, "with ray: the cluster to join (default RAY_ADDRESS, else a local Ray "
+                                          "instance is started)", default=None)
+    max_ongoing_requests: int | None = _opt(SCALE, "with ray: requests one replica works on at once (Ray Serve's "
+                                                   "max_ongoing_requests; default batch_max_images); queue_depth is "
+                                                   "max_queued_requests (429 beyond)", default=None, ge=1, le=1000)
 
     # --- performance -------------------------------------------------------------------------------------------
     # Applied by `pipeline/edit.build_pipeline` through `models/fastpath.py`; all off by default.

@@ -64,13 +64,18 @@ def _default_factory(settings: Settings) -> Callable[[], PipelineLike]:
 
 
 def create_app(settings: Settings | None = None, *, pipeline_factory: Callable[[], PipelineLike] | None = None,
-               resolver: Resolver | None = None) -> FastAPI:
+               resolver: Resolver | None = None, engine_factory: Callable[[Metrics], Engine] | None = None) -> FastAPI:
+    """`engine_factory(metrics)`: an engine other than the local worker thread with the same interface (Ray Serve's
+    ingress forwards jobs to its pipeline deployment: deploy/)."""
     settings = settings or Settings()
     metrics = Metrics()
     keys = KeyChecker(load_keys(settings))
-    engine = Engine(pipeline_factory or _default_factory(settings), queue_depth=settings.queue_depth,
-                    batch_max_images=settings.batch_max_images, batch_wait_s=settings.batch_wait_ms / 1000,
-                    metrics=metrics)
+    if engine_factory is not None:
+        engine = engine_factory(metrics)
+    else:
+        engine = Engine(pipeline_factory or _default_factory(settings), queue_depth=settings.queue_depth,
+                        batch_max_images=settings.batch_max_images, batch_wait_s=settings.batch_wait_ms / 1000,
+                        metrics=metrics)
     store = open_store(settings)
     limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
     fetcher = LinkFetcher(max_bytes=settings.max_image_bytes, timeout_s=settings.image_fetch_timeout_s,
@@ -103,7 +108,8 @@ def create_app(settings: Settings | None = None, *, pipeline_factory: Callable[[
     app.state.server = server
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes, metrics=metrics,
-                       body_timeout_s=settings.body_timeout_s, metrics_open=settings.metrics_open)
+                       body_timeout_s=settings.body_timeout_s, metrics_open=settings.metrics_open,
+                       replica_id=engine.replica_id)
     _add_routes(app, server)
     add_playground(app)
     _fix_openapi(app)

@@ -17,6 +17,8 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine.metrics import Metrics
+from ..engine.replica import HEADER as REPLICA_HEADER
+from ..engine.replica import header_value, process_replica_id
 from .auth import KeyChecker
 from .errors import APIError, error_response
 
@@ -39,8 +41,10 @@ def needs_key(path: str, *, metrics_open: bool = False) -> bool:
 
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, *, keys: KeyChecker, max_body_bytes: int, metrics: Metrics,
-                 body_timeout_s: float | None = None, metrics_open: bool = False) -> None:
+                 body_timeout_s: float | None = None, metrics_open: bool = False,
+                 replica_id: str | None = None) -> None:
         self.app = app
+        self.replica_id = replica_id or process_replica_id()  # x-step1x-replica unless a handler names another
         self.metrics_open = metrics_open
         self.keys = keys
         self.max_body_bytes = max_body_bytes
@@ -54,7 +58,8 @@ class RequestContextMiddleware:
         headers = Headers(scope=scope)
         incoming = headers.get("x-request-id", "")
         request_id = incoming if _CLIENT_ID.match(incoming) else f"req_{uuid.uuid4().hex}"
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         started = time.monotonic()
         status = {"code": 500, "sent": False}
 
@@ -62,7 +67,9 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("ascii"))]
+                replica = header_value(state.get("replica") or self.replica_id)  # the handler's job's replica
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("ascii")),
+                                      (REPLICA_HEADER.encode("ascii"), replica.encode("ascii"))]
             await send(message)
 
         try:

@@ -63,6 +63,7 @@ async def run_edit(server: Server, request: Request, params: EditParams, image: 
     deadline = time.monotonic() + server.settings.request_timeout_s
     job = await submit_edit(server, params, image)
     result = await wait_for_job(server, request, job, deadline)
+    note_replica(request, job)
     t1 = time.monotonic()
     if params.response_format == "url":
         names = await anyio.to_thread.run_sync(store_outputs, server, result.images)
@@ -75,6 +76,12 @@ async def run_edit(server: Server, request: Request, params: EditParams, image: 
         data = [{"b64_json": b64, "seed": seed} for b64, seed in zip(encoded, result.seeds, strict=True)]
     server.metrics.observe_stage("output", time.monotonic() - t1)
     return {"created": created, "data": data, "usage": usage_of(result)}
+
+
+def note_replica(request: Request, job: Job) -> None:
+    """The replica that ran `job` goes out in the x-step1x-replica header (the middleware writes it)."""
+    if job.replica:
+        request.scope.setdefault("state", {})["replica"] = job.replica
 
 
 def usage_of(result: EditResult) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from ..pipeline.types import Preview, Progress, Started
 from .errors import APIError, ErrorDetail, error_body, request_id_of
 from .images import ImageRef
 from .protocol import EditParams
-from .service import Server, client_gone, encode_b64, job_error, submit_edit, timed_out, usage_of
+from .service import Server, client_gone, encode_b64, job_error, note_replica, submit_edit, timed_out, usage_of
 
 log = logging.getLogger("step1x_edit.api")
 
@@ -161,6 +161,7 @@ async def stream_edit(server: Server, request: Request, params: EditParams, imag
             pass
 
     job = await submit_edit(server, params, image, listener=put)
+    note_replica(request, job)  # known at admission (a Ray request still queued for a replica: the ingress's id)
     # Runs in the thread that settles the future, after that thread's last progress event: _DONE comes last.
     job.future.add_done_callback(lambda _f: put(_DONE))
     request_id = request_id_of(request)

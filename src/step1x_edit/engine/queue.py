@@ -39,6 +39,7 @@ class Job:
     # must be quick and thread-safe (api/streaming.py hands the events to the event loop). Errors it raises are
     # logged and ignored.
     listener: Callable[[JobEvent], None] | None = None
+    replica: str | None = None  # the replica that runs (ran) it: the x-step1x-replica header (engine/replica.py)
 
     @property
     def key(self) -> Hashable:

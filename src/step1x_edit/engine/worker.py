@@ -29,6 +29,7 @@ from ..pipeline.types import (
 )
 from .metrics import Metrics
 from .queue import EngineClosed, Job, JobQueue, QueueFull
+from .replica import process_replica_id
 
 log = logging.getLogger("step1x_edit.engine")
 
@@ -77,8 +78,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 class Engine:
     def __init__(self, pipeline_factory: Callable[[], PipelineLike], *, queue_depth: int, batch_max_images: int,
-                 batch_wait_s: float = 0.0, metrics: Metrics | None = None) -> None:
+                 batch_wait_s: float = 0.0, metrics: Metrics | None = None, replica_id: str | None = None) -> None:
         self._factory = pipeline_factory
+        self.replica_id = replica_id or process_replica_id()
         self.queue = JobQueue(queue_depth)
         self.batch_max_images = batch_max_images
         self.batch_wait_s = batch_wait_s
@@ -164,7 +166,7 @@ class Engine:
         if not self.ready:
             raise NotReady(self.not_ready_reason())
         assert self.pipeline is not None
-        job = Job(prepared=self.pipeline.prepare(request), listener=listener)
+        job = Job(prepared=self.pipeline.prepare(request), listener=listener, replica=self.replica_id)
         try:
             self.queue.put(job)
         except QueueFull:
