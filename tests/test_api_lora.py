@@ -21,7 +21,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, one_thread):
+def server(tmp_path_factory, one_thread):  # noqa: F811 - the fixture imported above
     loras = dev_preset_loras(tmp_path_factory.mktemp("loras"))
     save({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8)},
          loras / "broken.safetensors")

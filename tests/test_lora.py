@@ -28,7 +28,7 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def golden(golden_dir, one_thread):
+def golden(golden_dir, one_thread):  # noqa: F811 - the fixture imported above
     g = golden_dir / "tiny-a-v1p1"
     meta = json.loads((g / "cases.json").read_text())
     cfg = dit_config_from_dict(meta["dit_params"], meta["connector_params"], "v1.1")

@@ -20,7 +20,7 @@ from step1x_edit.settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory, one_thread):
+def pipe(tmp_path_factory, one_thread):  # noqa: F811 - the fixture imported above
     loras = dev_preset_loras(tmp_path_factory.mktemp("loras"))
     return build_pipeline(Settings(preset="dev", size_level=256, device="cpu", lora_dir=loras))
 
@@ -128,7 +128,8 @@ def test_fp8_dynamic_with_adapters_is_refused_at_start_up(tmp_path):
 
 
 @pytest.mark.slow  # (inductor compiles the blocks on the CPU: ~1.5 min on 2 cores)
-def test_compiled_pipeline_switches_adapters_without_recompiling(tmp_path_factory, one_thread):
+def test_compiled_pipeline_switches_adapters_without_recompiling(tmp_path_factory,
+                                                                  one_thread):  # noqa: F811 - imported fixture
     """compile=True with adapters: hot-swap slots are prepared before compiling; once a variant (no adapter, one,
     two) has been met, switching adapters adds no compiled graph, and switching back gives the base pixels."""
     import torch
