@@ -24,7 +24,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 # a value other than the default for every field
 SAMPLES = {"prompt": "  two  spaces ", "n": 2, "strength": 0.5, "seed": 123, "steps": 7, "guidance_scale": 3.5,
            "negative_prompt": " neg ", "response_format": "b64_json", "size": "768x768", "stream": True,
-           "partial_images": 2, "stream_progress": True}
+           "partial_images": 2, "stream_progress": True, "loras": [{"name": "fix-hand", "scale": 0.5}]}
 
 
 class Recorder:
@@ -84,7 +84,7 @@ def _json(server, fields: dict) -> httpx.Response:
 
 
 def _form(server, fields: dict) -> httpx.Response:
-    data = {"prompt": "p", **{k: json.dumps(v) if isinstance(v, bool) else str(v) for k, v in fields.items()}}
+    data = {"prompt": "p", **{k: json.dumps(v) if isinstance(v, (bool, list)) else str(v) for k, v in fields.items()}}
     return httpx.post(server.api + "/images/edits", data=data, files={"image": ("i.png", png_bytes(), "image/png")},
                       headers=AUTH, timeout=60)
 

@@ -51,3 +51,21 @@ def test_check_reference_command(golden_dir):
     p = _run("check-reference", str(golden_dir / "tiny-a"), str(golden_dir / "tiny-a-v1p1"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("0 failed") == 2
+
+
+def test_edit_takes_lora_adapters_by_name(examples_dir, tmp_path):
+    """(That the adapter changes the pixels, and only its request's, is checked in-process: test_lora_pipeline.py.)"""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from lora_fixtures import dev_preset_loras
+
+    loras = dev_preset_loras(tmp_path / "loras", names=("fix-hand",))
+    args = ("edit", str(examples_dir / "0003.png"), "x", "--steps", "1", "--seed", "3", "--lora-dir", str(loras))
+    out = tmp_path / "lora.png"
+    adapted = _run(*args, "-o", str(out), "--lora", "fix-hand:0.8",
+                   env={"OMP_NUM_THREADS": "1"})  # (tiny models: one thread is quicker, above all on a busy machine)
+    assert adapted.returncode == 0, adapted.stderr
+    assert adapted.stdout.startswith(f"wrote {out}: ") and ", lora fix-hand:0.8, " in adapted.stdout
+    with Image.open(out) as img:
+        assert img.format == "PNG"
+    bad = _run(*args, "-o", str(out), "--lora", "fix-hand:lots")
+    assert bad.returncode == 2 and "expected NAME or NAME:SCALE" in bad.stderr and "Traceback" not in bad.stderr

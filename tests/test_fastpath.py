@@ -106,7 +106,7 @@ def test_float8_stored_weights_go_to_scaled_mm_as_they_are(plain_out):
     """fp8_dynamic on `dit_fp8` weights: the token-wise FP8Linears multiply in float8 (torch._scaled_mm, which the
     CPU runs too) on the stored weights, instead of upcasting the whole DiT to bf16 and re-quantising it.
     Approximate (activations quantised per row), so compared by relative error; nothing is upcast in memory."""
-    from step1x_edit.models.weights import FP8Linear, use_fp8_linears_
+    from step1x_edit.models.weights import use_fp8_linears_
 
     dit = presets.build_dev_dit()
     with torch.no_grad():

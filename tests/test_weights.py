@@ -22,7 +22,6 @@ from step1x_edit.models.weights import (
     load_dit,
     load_vae,
     save_official,
-    to_official,
     vae_config_from_dict,
     vae_rules,
     with_version,

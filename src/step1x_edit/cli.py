@@ -16,6 +16,19 @@ from pathlib import Path
 from .cli_args import settings_from_args
 
 
+def lora_arg(text: str):
+    """`--lora NAME[:SCALE]` -> LoraChoice (scale 1 when omitted)."""
+    from .pipeline.types import LoraChoice
+
+    name, sep, scale = text.rpartition(":")
+    if not sep:
+        return LoraChoice(text, 1.0)
+    try:
+        return LoraChoice(name, float(scale))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME:SCALE (a number), got {text!r}") from None
+
+
 def _edit(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
@@ -62,7 +75,8 @@ def _edit_with(pipe, args: argparse.Namespace, image) -> int:  # noqa: ANN001 - 
     from .pipeline.types import EditRequest
 
     req = EditRequest(image=image, prompt=args.instruction, negative_prompt=args.negative, n=args.n,
-                      steps=args.steps, guidance_scale=args.guidance, strength=args.strength, seed=args.seed)
+                      steps=args.steps, guidance_scale=args.guidance, strength=args.strength, seed=args.seed,
+                      loras=tuple(args.lora or ()))
     try:
         prepared = pipe.prepare(req)
     except ValueError as e:
@@ -75,7 +89,11 @@ def _edit_with(pipe, args: argparse.Namespace, image) -> int:  # noqa: ANN001 - 
             bar.total = total
             bar.update(i - bar.n)
 
-        (result,) = pipe.run([prepared], on_step=on_step)
+        try:
+            (result,) = pipe.run([prepared], on_step=on_step)
+        except ValueError as e:  # e.g. a LoRA file whose tensors turn out corrupt
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     elapsed = time.perf_counter() - start
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +104,7 @@ def _edit_with(pipe, args: argparse.Namespace, image) -> int:  # noqa: ANN001 - 
     info = pipe.info()
     print(f"wrote {', '.join(map(str, paths))}: {w}x{h}, seed {result.seeds[0]}"
           + (f"..{result.seeds[-1]}" if len(result.seeds) > 1 else "")
+          + "".join(f", lora {name}:{scale:g}" for name, scale in prepared.loras)
           + f", {elapsed:.1f} s ({info['preset']} preset, {info['device']}"
           + (f", {info['parallel']}" if "parallel" in info else "") + ")")
     return 0
@@ -179,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--strength", type=float, default=DEFAULT_STRENGTH)
     edit.add_argument("--negative", default="", help="negative prompt")
     edit.add_argument("--n", type=int, default=1)
+    edit.add_argument("--lora", type=lora_arg, action="append", metavar="NAME[:SCALE]",
+                      help="a LoRA adapter of --lora-dir by name (file stem), scale 1 by default; repeat for more "
+                           "(at most 4)")
     add_settings_arguments(edit, ("model", "performance", "parallel"))
 
     ref = sub.add_parser("check-reference", help="compare against golden tensors of the official code")

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     dev_seed: int = _opt(MODEL, "seed of the dev preset's random weights", default=0)
     dit_fp8: bool = _opt(MODEL, "keep the DiT blocks' linear weights in float8_e4m3fn (~14 GB instead of ~25 GB; "
                                 "upcast per matmul); FP8 checkpoints load either way", default=False)
+    # LoRA adapters (models/lora_adapters.py): requests choose them by name (`loras`); nothing a client sends is a path.
+    lora_dir: Path | None = _opt(MODEL, "directory of LoRA adapters for the DiT, one NAME.safetensors file each "
+                                        "(official/kohya or diffusers/PEFT layout); requests pick them by name",
+                                 default=None)
+    lora_cache_size: int = _opt(MODEL, "LoRA adapters kept loaded at once (least recently used dropped first)",
+                                default=8, ge=1, le=1024)
 
     # --- server ------------------------------------------------------------------------------------------------
     host: str = _opt(SERVER, "interface to listen on", default="127.0.0.1")

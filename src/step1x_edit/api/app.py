@@ -32,7 +32,7 @@ from .images import ImageLimits, ImageRef, parse_image_field
 from .links import LinkFetcher, Resolver, system_resolver
 from .middleware import RequestContextMiddleware
 from .protocol import (EditFormParams, GenerationRequest, ImagesResponse, ModelCard, ModelList, edit_form_openapi,
-                      form_to_fields, validate_model)
+                      form_lists, form_to_fields, validate_model)
 from .service import Server, check_model, run_edit
 from .playground import add_playground
 from .streaming import add_stream_docs, stream_edit
@@ -144,7 +144,13 @@ def _add_routes(app: FastAPI, server: Server) -> None:
             texts = text_fields(items, EditFormParams.model_fields)
             image_texts = [t for t in (texts.pop(k, None) for k in IMAGE_FIELDS) if t]
             image_text = image_texts[0] if image_texts else None
-            params = validate_model(EditFormParams, form_to_fields(texts))
+            fields = form_to_fields(texts)
+            for name, value in form_lists(items).items():  # `loras[][name]`, as the openai SDK sends extra_body
+                if name in fields:
+                    raise bad_request(f"Field '{name}' was sent both as JSON text and as {name}[][...] fields: "
+                                      "send it once", code="duplicate_field")
+                fields[name] = value
+            params = validate_model(EditFormParams, fields)
             check_model(params.model)
             if len(files) + len(image_texts) > 1:
                 raise bad_request("'image': exactly one input image is supported, got "
@@ -220,7 +226,7 @@ def _model_card(server: Server) -> dict[str, Any]:
     version = info.get("version") or (None if settings.version == "auto" else settings.version)
     return {"id": MODEL_ID, "object": "model", "created": server.started_at, "owned_by": "stepfun-ai",
             "version": version, "preset": preset, "dev_preset": preset == "dev", "ready": server.engine.ready,
-            "device": info.get("device"), "dtype": info.get("dtype")}
+            "device": info.get("device"), "dtype": info.get("dtype"), "loras": info.get("loras", [])}
 
 
 async def _janitor(store: ImageStore, interval_s: float) -> None:
@@ -252,6 +258,7 @@ def _fix_openapi(app: FastAPI) -> None:
             comps.pop(name, None)
         # FastAPI passes schemas through float-typed bounds (2^63-1 would become 2^63): use pydantic's own.
         comps["GenerationRequest"] = GenerationRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(comps["GenerationRequest"].pop("$defs", {}))  # (the item schemas it refers to: LoraRef)
         schema["paths"]["/v1/images/edits"]["post"]["requestBody"] = edit_form_openapi()["requestBody"]
         add_stream_docs(schema)
         _integral_bounds(schema)

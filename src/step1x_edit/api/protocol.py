@@ -11,10 +11,15 @@ Fields other OpenAI clients send and this model has no use for are ignored: `siz
 `output_format`, `output_compression`, `input_fidelity`, `safety_identifier`, `mask` (edits), and any other
 unknown field. `stream: true` (with `partial_images` 0-3 and this server's `stream_progress`) answers with
 server-sent events instead of JSON (api/streaming.py).
+
+`loras` (this server's extension) is the one structured field: a list of `{"name", "scale"}` objects. In a multipart
+form it travels as JSON text (`loras=[{"name": "fix-hand", "scale": 0.8}]`) or, as the `openai` SDK flattens
+`extra_body` into a form, as `loras[][name]` / `loras[][scale]` fields (`form_lists`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import types
@@ -25,7 +30,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .. import MODEL_ID
-from ..pipeline.types import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED, EditRequest
+from ..pipeline.types import (DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_LORA_SCALE, MAX_LORAS,
+                              MAX_SEED, EditRequest, LoraChoice)
 from .errors import bad_request, describe_validation_errors
 
 SEED_MAX = MAX_SEED
@@ -34,7 +40,30 @@ MAX_PROMPT_CHARS = 8192
 SIZE_LEVELS = {"512x512": 512, "768x768": 768, "1024x1024": 1024}
 
 
-class EditParams(BaseModel):
+class _NullIsDefault(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """`"n": null` (some clients send every field) means the default, as an absent field does."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields
+                                                          and not cls.model_fields[k].is_required())}
+        return data
+
+
+class LoraRef(_NullIsDefault):
+    """One LoRA adapter for the request. Unknown keys are refused here (a misspelt `scale` would silently be 1)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256,
+                      description="The adapter's name, as GET /v1/models lists it under `loras`")
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False,
+                         description=f"How strongly it applies, in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}]; "
+                                     "0 = not at all")
+
+
+class EditParams(_NullIsDefault):
     """Everything except `model` and `image`: shared by the JSON and the multipart endpoints."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -65,15 +94,10 @@ class EditParams(BaseModel):
                                             "denoising (0-3, evenly spaced steps; a short run may send fewer)")
     stream_progress: bool = Field(False, description="With stream=true (this server's extension): also send "
                                   "an `image_generation.progress` / `image_edit.progress` event per step")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        """`"n": null` (some clients send every field) means the default, as an absent field does."""
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields
-                                                          and not cls.model_fields[k].is_required())}
-        return data
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS,
+                                 description=f"This server's extension: up to {MAX_LORAS} LoRA adapters on the "
+                                             "diffusion transformer, e.g. `[{\"name\": \"fix-hand\", \"scale\": "
+                                             "0.8}]` (names: GET /v1/models)")
 
     def size_level(self) -> int | None:
         return SIZE_LEVELS.get((self.size or "").strip().lower())
@@ -87,7 +111,8 @@ class EditParams(BaseModel):
         return EditRequest(image=image, prompt=self.prompt, negative_prompt=self.negative_prompt, n=self.n,
                            steps=self.steps, guidance_scale=self.guidance_scale, strength=self.strength,
                            seed=self.seed, size_level=self.size_level(),
-                           partial_images=self.partial_images if self.stream else 0)
+                           partial_images=self.partial_images if self.stream else 0,
+                           loras=tuple(LoraChoice(ref.name, ref.scale) for ref in self.loras))
 
 
 class GenerationRequest(EditParams):
@@ -136,6 +161,13 @@ class ImagesResponse(BaseModel):
     usage: Usage
 
 
+class LoraCard(BaseModel):
+    name: str = Field(description="What a request's `loras` names it by")
+    format: str = Field(description="`kohya` (the official training script's layout) or `peft` (diffusers)")
+    rank: int
+    layers: int = Field(description="DiT layers it changes")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -147,6 +179,7 @@ class ModelCard(BaseModel):
     ready: bool
     device: str | None = None
     dtype: str | None = None
+    loras: list[LoraCard] = Field(default_factory=list, description="LoRA adapters a request may name (`loras`)")
 
 
 class ModelList(BaseModel):
@@ -159,6 +192,15 @@ class ModelList(BaseModel):
 _INT = re.compile(r"^[+-]?[0-9]{1,30}$")
 _FLOAT = re.compile(r"^[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,4})?$")
 _KEEP_SPACES = ("prompt", "negative_prompt")  # text whose spaces matter; other strings are stripped
+
+
+def _item_model(annotation: Any) -> type[BaseModel] | None:
+    """`list[SomeModel]` -> SomeModel: a structured field (JSON text in a form); None for plain fields."""
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return item
+    return None
 
 
 def _kind(annotation: Any) -> Any:
@@ -202,8 +244,45 @@ def form_to_fields(form: dict[str, str], model: type[BaseModel] | None = None) -
             if not math.isfinite(number):  # 1e999
                 raise bad_request(f"Invalid value for '{name}': expected a finite number")
             out[name] = number
-        else:  # a structured field (a list of objects) travels as JSON text in a form
+        elif _item_model(kind) is not None:  # a structured field (a list of objects) travels as JSON text
+            try:
+                out[name] = json.loads(value)
+            except (ValueError, RecursionError):
+                raise bad_request(f"Invalid value for '{name}': expected JSON text such as "
+                                  f"[{{\"name\": \"fix-hand\", \"scale\": 0.8}}], got {raw[:40]!r}") from None
+        else:
             raise bad_request(f"Field '{name}' cannot be sent in a form")
+    return out
+
+
+_BRACKETS = re.compile(r"^([A-Za-z_]+)\[\]\[([A-Za-z_]+)\]$")
+
+
+def form_lists(items: list[tuple[str, Any]], model: type[BaseModel] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The structured fields sent as `field[][key]` form fields, the way the `openai` SDK flattens `extra_body` lists
+    into a multipart form. The SDK groups the fields by key (`loras[][name]=a`, `loras[][name]=b`,
+    `loras[][scale]=0.8`, `loras[][scale]=1`), so item i is made of the i-th value of each key, and every key must
+    come once per item (otherwise which item a value belongs to is unknown: a 400). Values are typed by the item
+    model's declared types (`form_to_fields`); keys it does not declare are kept, so that validation names them."""
+    fields = (model or EditFormParams).model_fields
+    found: dict[str, dict[str, list[str]]] = {}
+    for key, value in items:
+        m = _BRACKETS.match(key)
+        if not m or not isinstance(value, str) or m[1] not in fields or _item_model(fields[m[1]].annotation) is None:
+            continue
+        found.setdefault(m[1], {}).setdefault(m[2], []).append(value)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, columns in found.items():
+        counts = {len(values) for values in columns.values()}
+        if len(counts) > 1:
+            sent = ", ".join(f"{len(v)} '{name}[][{k}]'" for k, v in columns.items())
+            raise bad_request(f"Invalid value for '{name}': got {sent}; in a form each key must be sent once per "
+                              "item (e.g. give every adapter a scale)")
+        item = _item_model(fields[name].annotation)
+        assert item is not None
+        objects = [{k: values[i] for k, values in columns.items()} for i in range(counts.pop())]
+        out[name] = [{**{k: v for k, v in obj.items() if k not in item.model_fields}, **form_to_fields(obj, item)}
+                     for obj in objects]
     return out
 
 
@@ -229,6 +308,10 @@ def edit_form_openapi() -> dict[str, Any]:
         if "anyOf" in prop:  # `X | None`: a form field is a plain value; empty means "default"
             variants = [v for v in prop.pop("anyOf") if v.get("type") != "null"]
             prop.update(variants[0])
+        if _item_model(EditFormParams.model_fields[name].annotation) is not None:  # JSON text in a form
+            prop = {"type": "string", "contentMediaType": "application/json", "title": prop.get("title", name),
+                    "description": prop.get("description", "") + "; in a form: JSON text, or "
+                                   f"`{name}[][key]` fields as the openai SDK sends them"}
         props[name] = prop
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["prompt"], "properties": props,

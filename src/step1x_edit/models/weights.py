@@ -412,6 +412,12 @@ class FP8Linear(nn.Linear):
             return _scaled_fp8_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype its matmuls run in (the bias keeps it). PEFT reads this attribute for the dtype of a LoRA
+        adapter on the layer, which would otherwise be the weight's float8 (no matmul takes it)."""
+        return self.bias.dtype if self.bias is not None else torch.get_default_dtype()
+
 
 E4M3_MAX = 448.0
 

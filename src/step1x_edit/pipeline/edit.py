@@ -2,15 +2,18 @@
 
 `prepare` turns an `EditRequest` into a `PreparedEdit` (validated, oriented, resized, seeded; no model touched, so
 the engine runs it off the worker thread at admission); `run` edits a batch of prepared requests that share a batch
-key (working size, steps, start index, guidance on/off); each may have its own prompt, negative prompt, guidance
-scale and `n`. Image i of a request uses seed + i for everything random (initial noise, then the VAE posterior
-samples of the reference and img2img latents), drawn on the CPU so the same seed gives the same noise on any
-device: an image is reproducible on its own.
+key (working size, steps, start index, guidance on/off, LoRA adapters and their scales); each may have its own
+prompt, negative prompt, guidance scale and `n`. A batch's adapters are on the DiT while it denoises and off after
+(models/lora_adapters.py), so no request's adapters reach another batch. Image i of a request uses seed + i for
+everything random (initial noise, then the VAE posterior samples of the reference and img2img latents), drawn on the
+CPU so the same seed gives the same noise on any device: an image is reproducible on its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Iterable, Sequence
@@ -22,10 +25,13 @@ from ..models import fastpath, presets
 from ..models import vae as vae_ops
 from ..models.encoder import Step1XConditioner, build_dev_conditioner, load_conditioner
 from ..models.layouts import V12_REFUSED, resolve_preset, resolve_weights
+from ..models.lora_adapters import LoraAdapters, build_adapters
 from ..models.weights import load_dit, load_vae
 from ..settings import Settings
 from . import imaging, memory, sampling
 from .types import (
+    MAX_LORA_SCALE,
+    MAX_LORAS,
     MAX_SEED,
     RANDOM_SEED_LIMIT,
     EditRequest,
@@ -84,6 +90,7 @@ class EditPipeline:
         perf: fastpath.PerfOptions | None = None,
         step_cache: fastpath.StepCache | None = None,
         offload: fastpath.ComponentOffload | None = None,
+        adapters: LoraAdapters | None = None,
     ):
         self.dit, self.vae, self.conditioner = dit, vae, conditioner
         self.version, self.preset, self.size_level = version, preset, size_level
@@ -93,6 +100,7 @@ class EditPipeline:
         self.step_cache = step_cache  # diffusers' step-cache hooks on the DiT, when one is on
         self.offload = offload  # model offloading, when on
         self._graphs: int | None = None  # compiled graphs after the warm-up (compile only)
+        self.adapters = adapters  # LoRA adapters (STEP1X_LORA_DIR), when configured
 
     def info(self) -> dict:
         out = {
@@ -105,6 +113,8 @@ class EditPipeline:
         out.update(self.perf.changes())
         if self.step_cache is not None:
             out.update(self.step_cache.stats())
+        if self.adapters is not None:
+            out["loras"] = self.adapters.describe()
         return out
 
     def release_memory(self) -> None:
@@ -143,6 +153,29 @@ class EditPipeline:
         level = self._size_level(req)
         if not 256 <= level <= 2048:
             raise ValueError("size_level: must be between 256 and 2048")
+        self._loras(req)
+
+    def _loras(self, req: EditRequest) -> tuple[tuple[str, float], ...]:
+        """The request's adapters as the batch key holds them: (name, scale) sorted by name (the sum does not depend
+        on the order), scale-0 ones dropped (they change nothing); ValueError naming the field otherwise."""
+        choices = tuple(req.loras or ())
+        if not choices:
+            return ()
+        if len(choices) > MAX_LORAS:
+            raise ValueError(f"loras: at most {MAX_LORAS} adapters per request, got {len(choices)}")
+        names = [c.name for c in choices]
+        for c in choices:
+            if not isinstance(c.name, str) or not c.name:
+                raise ValueError("loras: each adapter needs a name")
+            if names.count(c.name) > 1:
+                raise ValueError(f"loras: adapter {c.name[:100]!r} is named more than once")
+            if not math.isfinite(c.scale) or abs(c.scale) > MAX_LORA_SCALE:
+                raise ValueError(f"loras: the scale of {c.name[:100]!r} must be in [-{MAX_LORA_SCALE:g}, "
+                                 f"{MAX_LORA_SCALE:g}]")
+        if self.adapters is None:
+            raise ValueError("loras: this server has no LoRA adapters (STEP1X_LORA_DIR is not set)")
+        self.adapters.library.check(names)
+        return tuple(sorted((c.name, float(c.scale)) for c in choices if c.scale != 0))
 
     def prepare(self, req: EditRequest) -> PreparedEdit:
         """Validate once (ValueError naming the field), apply EXIF orientation, convert to RGB, resize to the working
@@ -154,12 +187,14 @@ class EditPipeline:
         w, h = imaging.working_size(*image.size, level)
         seed = req.seed if req.seed != -1 else secrets.randbelow(RANDOM_SEED_LIMIT - req.n)
         start = sampling.start_index(req.steps, req.strength) if req.strength < 1 else 0
+        loras = self._loras(req)
         return PreparedEdit(
             request=req,
             original_size=image.size,
             resized=image.resize((w, h), imaging.resize_filter(self.version)),
             seeds=tuple(seed + i for i in range(req.n)),
-            key=(w, h, req.steps, start, req.guidance_scale > 1.0),
+            key=(w, h, req.steps, start, req.guidance_scale > 1.0, loras),
+            loras=loras,
         )
 
     # --- the walk ------------------------------------------------------------------------------------------
@@ -191,7 +226,8 @@ class EditPipeline:
 
         prepared = [p if isinstance(p, PreparedEdit) else self.prepare(p) for p in batch]
         if len({p.key for p in prepared}) != 1:
-            raise ValueError("requests in one batch must share working size, steps, strength start and guidance")
+            raise ValueError("requests in one batch must share working size, steps, strength start, guidance and "
+                             "LoRA adapters")
         first = prepared[0].request
         guided = first.guidance_scale > 1.0
         lap("preprocess")
@@ -225,12 +261,15 @@ class EditPipeline:
         if self.step_cache is not None:
             start = sampling.start_index(first.steps, first.strength) if first.strength < 1.0 else 0
             self.step_cache.begin(first.steps - start)
-        result = sampling.sample(
-            self.dit, noise, ref_latent, cond, first.steps, guidance, self.version,
-            strength=first.strength, init_latent=init_latent, truncate=self.truncate,
-            on_step=on_step, should_stop=should_stop, on_x0=on_x0, x0_at=x0_at,
-        )
-        lap("denoise")
+        with self._adapters_applied(prepared[0].loras):
+            lap("lora_switch")
+            result = sampling.sample(
+                self.dit, noise, ref_latent, cond, first.steps, guidance, self.version,
+                strength=first.strength, init_latent=init_latent, truncate=self.truncate,
+                on_step=on_step, should_stop=should_stop, on_x0=on_x0, x0_at=x0_at,
+            )
+            lap("denoise")
+        lap("lora_switch")  # (taking them off again counts too)
         if self._graphs is not None and fastpath.compiled_graphs() > self._graphs:
             log.warning("this batch compiled %d new graph(s) on the worker (working size %dx%d, %d DiT rows): "
                         "requests waited for it; warm this size up (compile_warmup_sizes)",
@@ -252,6 +291,13 @@ class EditPipeline:
         for res in results:
             res.timings = dict(timings)
         return results
+
+    def _adapters_applied(self, loras: tuple[tuple[str, float], ...]):
+        if self.adapters is None:
+            if loras:
+                raise ValueError("loras: this server has no LoRA adapters (STEP1X_LORA_DIR is not set)")
+            return contextlib.nullcontext()
+        return self.adapters.applied(loras)
 
     def warmup(self, size_levels: Iterable[int], steps: int = 1, max_images: int = 1,
                shapes: Sequence[tuple[int, bool]] | None = None, guided: bool | None = None) -> dict[int, float]:
@@ -360,6 +406,10 @@ def build_pipeline(settings: Settings, *, mesh=None) -> EditPipeline:  # noqa: A
     pipeline/parallel.py) the DiT's calls become collective calls of every rank (models/parallel.py)."""
     opts = fastpath.PerfOptions.from_settings(settings)
     opts.validate()
+    if settings.lora_dir is not None and opts.fp8_dynamic:
+        # torchao's float8 tensors under PEFT's LoRA layers: not supported by PEFT, and not testable without a GPU
+        raise ValueError("lora_dir cannot be combined with fp8_dynamic (torchao's float8 linears take no LoRA "
+                         "adapters); use dit_fp8 for FP8 weights with adapters")
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     if opts.fp8_dynamic and dtype != torch.bfloat16:  # before minutes of weight loading, not after
@@ -403,6 +453,11 @@ def build_pipeline(settings: Settings, *, mesh=None) -> EditPipeline:  # noqa: A
         from ..models import parallel
 
         parallel.parallelize_dit(dit, parallel.Degrees.from_settings(settings), mesh)
+    adapters = None
+    if settings.lora_dir is not None:
+        adapters = build_adapters(dit, dit.dit_config, settings.lora_dir, settings.lora_cache_size, MAX_LORAS)
+        if opts.compile:  # before compiling: slots that adapters are hot-swapped into, never recompiling
+            adapters.prepare_hotswap()
     if opts.compile:
         fastpath.compile_blocks_(dit, mode=opts.compile_mode)
     if opts.vae_bf16 or opts.vae_channels_last:
@@ -411,7 +466,7 @@ def build_pipeline(settings: Settings, *, mesh=None) -> EditPipeline:  # noqa: A
     offload = fastpath.enable_offload(dit, vae, conditioner, device) if opts.offload == "model" else None
     pipe = EditPipeline(dit, vae, conditioner, version, preset, size_level, device, dtype,
                         vae_dtype=torch.bfloat16 if opts.vae_bf16 else torch.float32,
-                        perf=opts, step_cache=step_cache, offload=offload)
+                        perf=opts, step_cache=step_cache, offload=offload, adapters=adapters)
     if opts.compile:
         sizes = (size_level,) if opts.compile_warmup_sizes is None else opts.compile_warmup_sizes
         if sizes:

@@ -81,10 +81,17 @@ def startup_problems(settings: Settings, heads: int | None = None) -> list[str]:
     device_type = device_type_of(settings)
     if heads is None:
         heads = (presets.DEV_DIT if resolve_preset(settings) == "dev" else presets.FULL_DIT).num_heads
-    return problems(degrees, heads=heads, device_type=device_type,
-                    device_count=torch.cuda.device_count() if device_type == "cuda" else 0, dtype=settings.dtype,
-                    device=settings.device, step_cache=settings.step_cache, offload=settings.offload,
-                    attention_backend=settings.attention_backend)
+    found = problems(degrees, heads=heads, device_type=device_type,
+                     device_count=torch.cuda.device_count() if device_type == "cuda" else 0, dtype=settings.dtype,
+                     device=settings.device, step_cache=settings.step_cache, offload=settings.offload,
+                     attention_backend=settings.attention_backend)
+    if settings.lora_dir is not None and degrees.sequence > 1:
+        # the DiT's context-parallel split/gather hooks and its unsplit twin (models/parallel.py) are set up before
+        # any adapter exists: the twin would run without them, and a LoRA on a split/gathered layer
+        # (x_embedder, context_embedder, proj_out) would see the wrong tokens
+        found.append("lora_dir cannot be combined with ulysses_degree / ring_degree > 1 (LoRA adapters under "
+                     "sequence parallelism are not supported); cfg_parallel 2 works with adapters")
+    return found
 
 
 def rank_settings(settings: Settings, rank: int, device_type: str) -> Settings:

@@ -21,6 +21,17 @@ MAX_SEED = 2**63 - 1
 # Random seeds are drawn below 2^53: JavaScript clients parse JSON numbers as doubles, and a reported seed above
 # 2^53 would come back as another number. Explicit seeds keep the full range.
 RANDOM_SEED_LIMIT = 2**53
+# LoRA adapters a request may name, and the bound of their scales (the API, the CLI and the pipeline use these)
+MAX_LORAS = 4
+MAX_LORA_SCALE = 4.0
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """One LoRA adapter for a request: its name (a file stem in the server's adapter directory) and scale."""
+
+    name: str
+    scale: float = 1.0
 
 
 @dataclass
@@ -37,6 +48,7 @@ class EditRequest:
     seed: int = -1  # -1 = random; image i uses seed + i
     size_level: int | None = None  # working area ~ size_level^2; None = the pipeline's default
     partial_images: int = 0  # previews wanted (evenly spaced steps) when `run` is given `on_preview`; 0 = none
+    loras: tuple[LoraChoice, ...] = ()  # LoRA adapters on the DiT for this request (at most MAX_LORAS)
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,8 @@ class PreparedEdit:
     resized: Image.Image  # RGB at the working size
     seeds: tuple[int, ...]  # image i uses seeds[i]
     key: Hashable  # requests with equal keys may be denoised together in lockstep
+    # the adapters the request runs with: (name, scale) sorted by name, scale-0 ones dropped (part of the key)
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def images(self) -> int:
