@@ -21,6 +21,7 @@ Memory mode: `offload="model"` keeps components on the CPU and moves each to the
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from functools import partial
@@ -388,7 +389,10 @@ class ComponentOffload:
       decode between two denoising steps would otherwise send the 25 GB DiT back to the host and fetch it again.
     - Each component's weights have one host copy, made once (in page-locked memory when the execution device is
       CUDA, so uploads run at full bus speed and asynchronously); eviction only points the parameters back at it
-      (weights never change, so nothing is copied back).
+      (nothing is copied back). Modules added later (LoRA layers loaded on demand) get their host copy when first
+      seen, and a tensor replaced while the component was on the host becomes the new host copy; changes made
+      while a component is on the device are not kept (the pipeline switches adapters before the DiT's first call,
+      while the conditioner's visit has sent the DiT to the host).
     `loads` records the order in which components were brought in (for logs and tests).
     """
 
@@ -401,15 +405,19 @@ class ComponentOffload:
         self.on_device: set[str] = set()
         self.resident: str | None = None
         self.loads: list[str] = []
-        self._host: dict[str, dict[tuple[int, str, str], torch.Tensor]] = {}
+        # component -> module -> (kind, attribute) -> host tensor; weak keys: a module deleted later (an adapter
+        # evicted from the cache) drops its copies, and a new module at the same address is not mistaken for it
+        self._host: dict[str, weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], torch.Tensor]]] = {}
         self._handles: list[Any] = []
 
     def add(self, name: str, component: nn.Module, triggers: Sequence[nn.Module], keep: bool = False) -> None:
         component.to(self.offload_device)
         if self.pin:
             component._apply(lambda t: t.pin_memory())
-        self._host[name] = {key: t for key, t in _tensor_slots(component)}
+        self._host[name] = weakref.WeakKeyDictionary()
         self.components[name] = component
+        for module, kind, attr, t in _slots(component):
+            self._host_copy(name, module, kind, attr, t)
         if keep:
             self.kept.add(name)
         for module in triggers:
@@ -425,16 +433,31 @@ class ComponentOffload:
         self._to_device(name)
         self.loads.append(name)
 
+    def _host_copy(self, name: str, module: nn.Module, kind: str, attr: str, t: torch.Tensor) -> torch.Tensor:
+        """The host copy of one tensor slot: the one kept, unless the slot is new or was given another tensor on
+        the host side (then that tensor, pinned if uploads are pinned)."""
+        per = self._host[name].setdefault(module, {})
+        host = per.get((kind, attr))
+        fresh = host is None or (t.device == self.offload_device and t.data_ptr() != host.data_ptr())
+        if fresh:
+            host = t.detach().to(self.offload_device)
+            if self.pin and not host.is_pinned():
+                host = host.pin_memory()
+            per[(kind, attr)] = host
+        return host
+
     def _to_device(self, name: str) -> None:
-        host = self._host[name]
-        for module, kind, attr, _ in _slots(self.components[name]):
-            _set(module, kind, attr, host[(id(module), kind, attr)].to(self.execution_device, non_blocking=self.pin))
+        for module, kind, attr, t in _slots(self.components[name]):
+            host = self._host_copy(name, module, kind, attr, t)
+            _set(module, kind, attr, host.to(self.execution_device, non_blocking=self.pin))
         self.on_device.add(name)
 
     def _to_host(self, name: str) -> None:
-        host = self._host[name]
-        for module, kind, attr, _ in _slots(self.components[name]):
-            _set(module, kind, attr, host[(id(module), kind, attr)])
+        for module, kind, attr, t in _slots(self.components[name]):
+            per = self._host[name].get(module, {})
+            # a slot first seen on the device (an adapter loaded while the DiT was there): copied down once
+            _set(module, kind, attr, per[(kind, attr)] if (kind, attr) in per
+                 else self._host_copy(name, module, kind, attr, t))
         self.on_device.discard(name)
 
     def _move(self, x: Any) -> Any:
@@ -459,11 +482,6 @@ def _slots(module: nn.Module) -> Any:
         for attr, b in m._buffers.items():
             if b is not None:
                 yield m, "buffer", attr, b
-
-
-def _tensor_slots(module: nn.Module) -> Any:
-    for m, kind, attr, t in _slots(module):
-        yield (id(m), kind, attr), t.detach()
 
 
 def _set(module: nn.Module, kind: str, attr: str, value: torch.Tensor) -> None:
