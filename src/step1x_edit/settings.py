@@ -101,7 +101,8 @@ class Settings(BaseSettings):
                                                       "directory)", default=None, cli=False)
     janitor_interval_s: float = _opt(OUTPUTS, "seconds between sweeps of expired outputs", default=3600.0, gt=0)
     b64_json_style: Literal["plain", "data_uri"] = _opt(
-        OUTPUTS, "b64_json as plain base64 (OpenAI's form) or as data:image/png;base64,... (the hosted example's)",
+        OUTPUTS, "b64_json as plain base64 (OpenAI's form) or as a data URI, data:image/png;base64,... (the hosted "
+        "example's; the media type follows output_format)",
         default="plain", flag="--b64-style")
 
     # --- performance -------------------------------------------------------------------------------------------
