@@ -73,7 +73,8 @@ class Settings(BaseSettings):
                                 le=10_000)
     request_timeout_s: float = _opt(ENGINE, "seconds before a request gives 504", default=600.0, gt=0,
                                     flag="--request-timeout")
-    shutdown_timeout_s: float = _opt(ENGINE, "graceful shutdown: how long to drain admitted work", default=60.0, ge=0)
+    shutdown_timeout_s: float = _opt(ENGINE, "graceful shutdown: how long admitted work may still run; what is "
+                                             "unfinished then is answered with 503", default=60.0, ge=0)
 
     # --- input limits ------------------------------------------------------------------------------------------
     max_body_bytes: int = _opt(LIMITS, "largest request body (413 beyond)", default=32 * 1024 * 1024, ge=1024)

@@ -34,6 +34,11 @@ log = logging.getLogger("step1x_edit.engine")
 __all__ = ["Engine", "EngineClosed", "NotReady", "PipelineLike", "QueueFull", "Aborted", "OutOfMemory"]
 
 
+# After a drain that ran out of time: how long to wait for the cancelled pipeline call to stop at its next step
+# (one denoising step, or a VAE decode or encoder pass, which cannot be interrupted).
+STOP_WAIT_S = 30.0
+
+
 class PipelineLike(Protocol):
     """Everything the engine asks of `pipeline.edit.EditPipeline`: prepare a request at admission (any thread;
     ValueError = the client's mistake), run a batch of prepared requests with equal keys on the worker thread
@@ -84,6 +89,12 @@ class Engine:
         self._loaded = threading.Event()
         self._thread = threading.Thread(target=self._main, name="step1x-worker", daemon=True)
         self._running: list[Job] = []
+        # Every admitted job until its future is settled, wherever it is (queued, taken, running): what a drain
+        # that runs out of time must answer.
+        self._admitted: set[Job] = set()
+        self._admitted_lock = threading.Lock()
+        self._shutdown_lock = threading.Lock()
+        self._drained: bool | None = None  # the result of the shutdown, once it has run
         if metrics is not None:
             metrics.bind_engine(self.stats, lambda: self.ready)
 
@@ -110,16 +121,39 @@ class Engine:
         return ""
 
     def shutdown(self, timeout: float) -> bool:
-        """Stop admission, let queued and running jobs finish for up to `timeout` s, then fail what is left.
-        Returns True when everything drained."""
-        self.queue.close()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        leftovers = self.queue.clear()
-        for job in leftovers:
-            if not job.future.done():
-                job.future.set_exception(EngineClosed("the server shut down before this job ran"))
-        return not self._thread.is_alive() and not leftovers
+        """Stop admission, let queued and running jobs finish for up to `timeout` s, then fail every admitted job
+        still unanswered — queued, or in the running batch, which then stops at its next step — with EngineClosed
+        (HTTP 503, or a stream's `error` event). Returns True when everything drained. Only the first call drains;
+        later ones (the app's lifespan, after `serve` drained on SIGTERM) return its result at once."""
+        with self._shutdown_lock:
+            if self._drained is not None:
+                return self._drained
+            log.info("shutting down: draining admitted work (up to %g s)", timeout)
+            self.queue.close()
+            if self._thread.is_alive():
+                self._thread.join(timeout)
+            self.queue.clear()
+            with self._admitted_lock:
+                unanswered = [job for job in self._admitted if not job.future.done()]
+            for job in unanswered:
+                ran = job.started_at is not None
+                # settled before cancelling: cancelling first would cancel a queued job's future (a 504, not a 503)
+                _settle(job, exc=EngineClosed("the server shut down before this job " + ("finished" if ran else "ran")))
+                job.cancel("shutdown")  # a running batch stops between steps once all its jobs are cancelled
+            if unanswered:
+                log.warning("shutdown: %d admitted job(s) unfinished after %g s were answered with 503",
+                            len(unanswered), timeout)
+                if self.metrics:
+                    self.metrics.jobs.labels("shutdown").inc(len(unanswered))
+            self._drained = not self._thread.is_alive() and not unanswered
+            if self._thread.is_alive():
+                # The answers are out; now let the cancelled call reach its next step and return: a process that
+                # exits while the worker is inside a torch call aborts ("terminate called without an active
+                # exception") instead of exiting cleanly.
+                self._thread.join(STOP_WAIT_S)
+                if self._thread.is_alive():
+                    log.warning("the worker is still inside a pipeline call %g s after the drain", STOP_WAIT_S)
+            return self._drained
 
     # --- admission -----------------------------------------------------------------------------------------
     def submit(self, request: EditRequest, listener: Callable[[JobEvent], None] | None = None) -> Job:
@@ -132,13 +166,22 @@ class Engine:
             raise NotReady(self.not_ready_reason())
         assert self.pipeline is not None
         job = Job(prepared=self.pipeline.prepare(request), listener=listener)
+        with self._admitted_lock:
+            self._admitted.add(job)
         try:
             self.queue.put(job)
-        except QueueFull:
-            if self.metrics:
+        except (QueueFull, EngineClosed) as exc:
+            with self._admitted_lock:
+                self._admitted.discard(job)
+            if self.metrics and isinstance(exc, QueueFull):
                 self.metrics.jobs.labels("rejected_full").inc()
             raise
+        job.future.add_done_callback(lambda _f: self._forget(job))
         return job
+
+    def _forget(self, job: Job) -> None:
+        with self._admitted_lock:
+            self._admitted.discard(job)
 
     def stats(self) -> dict[str, int]:
         jobs, images = self.queue.stats()
