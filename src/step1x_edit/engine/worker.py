@@ -146,7 +146,7 @@ class Engine:
                 if self.metrics:
                     self.metrics.jobs.labels("shutdown").inc(len(unanswered))
             self._drained = not self._thread.is_alive() and not unanswered
-            if self._thread.is_alive():
+            if self._thread.is_alive() and self.pipeline is not None:  # (a pipeline still loading cannot be stopped)
                 # The answers are out; now let the cancelled call reach its next step and return: a process that
                 # exits while the worker is inside a torch call aborts ("terminate called without an active
                 # exception") instead of exiting cleanly.
@@ -205,7 +205,7 @@ class Engine:
             batch = self.queue.take_batch(self.batch_max_images, self.batch_wait_s)
             if batch is None:
                 break
-            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            live = [j for j in batch if _claim(j)]
             try:
                 if live:
                     self._run_batch(live)
@@ -304,6 +304,15 @@ class Engine:
             for name, seconds in results[0].timings.items():
                 self.metrics.observe_stage(f"pipeline_{name}", seconds)
         return results
+
+
+def _claim(job: Job) -> bool:
+    """Mark a taken job's future running; False when its client cancelled it or a shutdown that ran out of time
+    answered it between `take_batch` and here."""
+    try:
+        return job.future.set_running_or_notify_cancel()
+    except RuntimeError:  # already finished (EngineClosed from `shutdown`)
+        return False
 
 
 def _notify(job: Job, event: JobEvent) -> None:
