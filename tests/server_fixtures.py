@@ -99,14 +99,15 @@ def start_server(settings: Any, *, pipeline_factory: Callable[[], Any] | None = 
                  wait_ready: bool = True, timeout: float = 120, resolver: Any = None,
                  offline_links: bool = False, http: str = "auto") -> RunningServer:
     """`resolver`: a fake DNS for image links. `offline_links`: image links are refused before any lookup or
-    connection (fuzzing sends random URLs; nothing may leave the machine). The uvicorn options are `serve`'s own
-    (`cli_serve.uvicorn_options`) but for the address, log level and drain time; `http` picks the HTTP parser
-    (`auto`, as `serve`: httptools when installed; or `h11`, `httptools`)."""
+    connection (fuzzing sends random URLs; nothing may leave the machine). The uvicorn options and server class are
+    `serve`'s own (`cli_serve.uvicorn_options`, `shutdown.DrainingServer`) but for the address and log level; `http`
+    picks the HTTP parser (`auto`, as `serve`: httptools when installed; or `h11`, `httptools`)."""
     import uvicorn
 
     from step1x_edit.api.app import create_app
     from step1x_edit.api.cli_serve import uvicorn_options
     from step1x_edit.api.httpserver import uvicorn_http_options
+    from step1x_edit.api.shutdown import DrainingServer
 
     port = free_port()
     app = create_app(settings, pipeline_factory=pipeline_factory, resolver=resolver)
@@ -119,9 +120,9 @@ def start_server(settings: Any, *, pipeline_factory: Callable[[], Any] | None = 
         app.state.server.fetcher = LinkFetcher(max_bytes=settings.max_image_bytes, timeout_s=2, max_redirects=0,
                                                resolver=no_dns, address_allowed=lambda ip: False)
     options = {**uvicorn_options(settings), "host": "127.0.0.1", "port": port, "log_level": "warning",
-               "lifespan": "on", "timeout_graceful_shutdown": 30, **uvicorn_http_options(settings, http)}
+               "lifespan": "on", **uvicorn_http_options(settings, http)}
     config = uvicorn.Config(app, **options)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)  # as `serve`: stopping drains the engine before connections close
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     from step1x_edit.api.auth import load_keys

@@ -1,8 +1,10 @@
-"""`step1x-edit serve` through `api/cli_serve.py` in a real process: flags over environment, SIGTERM drains."""
+"""`step1x-edit serve` through `api/cli_serve.py` in a real process: flags over environment, SIGTERM drains and answers
+every admitted request."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import sys
 import threading
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
@@ -97,6 +100,114 @@ def test_serve_answers_and_sigterm_drains_in_flight_work(tmp_path):
     assert f"serving {MODEL} (dev preset) on http://127.0.0.1:{port}/v1" in output
     assert f"playground  http://127.0.0.1:{port}/\n" in output and f"API docs    http://127.0.0.1:{port}/docs" in output
     assert "no API key configured" not in output and KEY not in output
+
+
+def _events(lines) -> list[tuple[str, dict]]:
+    """(event, data) pairs of a server-sent event stream, from its lines as they arrive."""
+    events, name = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[len("data: "):])))
+    return events
+
+
+def _is_503(err: dict, request_id: str | None) -> bool:
+    """An OpenAI error body saying the server shut down, with the request id as `param`."""
+    return (set(err) == {"message", "type", "param", "code"} and err["code"] == "not_ready"
+            and "shut down" in err["message"] and err["param"] == request_id)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_with_more_work_than_the_drain_allows_answers_everyone(tmp_path):
+    """SIGTERM with a long job running and three waiting behind it, and a 3 s drain: the running job is stopped and
+    every admitted request gets an OpenAI-shaped 503 (streams: an `error` event) once the drain is over. uvicorn's
+    graceful timeout used to fire first: plain-text 500s, streams cut without an event. (A job that finishes within
+    the drain gets its result: `test_serve_answers_and_sigterm_drains_in_flight_work`.)"""
+    port = free_port()
+    env = {**os.environ, "STEP1X_API_KEYS": KEY, "STEP1X_SIZE_LEVEL": "256", "STEP1X_PRESET": "dev",
+           "STEP1X_DEVICE": "cpu", "STEP1X_SHUTDOWN_TIMEOUT_S": "3", "STEP1X_BATCH_MAX_IMAGES": "1",
+           "STEP1X_QUEUE_DEPTH": "8"}
+    proc = subprocess.Popen([*SERVE, "--port", str(port), "--storage-dir", str(tmp_path / "img"),
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "p", "image": data_uri(), "response_format": "b64_json"}
+    out: dict[str, object] = {}
+
+    def metric(name: str) -> float:
+        text = httpx.get(base + "/metrics", headers=auth, timeout=10).text
+        return next((float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name + " ")), 0.0)
+
+    def stream(name: str, fields: dict) -> None:
+        try:
+            with httpx.stream("POST", base + "/v1/images/generations", headers=auth, timeout=300,
+                              json={**body, **fields, "stream": True}) as r:
+                out[name] = (r.status_code, r.headers.get("x-request-id"), _events(r.iter_lines()))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertions
+            out[name] = exc
+
+    def post(name: str, fields: dict) -> None:
+        try:
+            out[name] = httpx.post(base + "/v1/images/generations", headers=auth, timeout=300, json={**body, **fields})
+        except Exception as exc:  # noqa: BLE001
+            out[name] = exc
+
+    def sdk(name: str, fields: dict) -> None:
+        client = OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=300)
+        try:
+            if fields.get("stream"):
+                out[name] = list(client.images.generate(model=MODEL, prompt="p", stream=True,
+                                                        extra_body={"image": data_uri(), "steps": 2}))
+            else:
+                out[name] = client.images.generate(model=MODEL, prompt="p", extra_body={"image": data_uri(), "steps": 2})
+        except Exception as exc:  # noqa: BLE001
+            out[name] = exc
+
+    try:
+        def ready() -> bool:
+            try:
+                return httpx.get(base + "/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+        assert wait_until(ready, 180, 0.2), "".join(lines)
+        jobs = {"B": (post, {"steps": 50, "seed": 2}),  # runs for far longer than the drain
+                "C": (stream, {"steps": 2, "seed": 3, "partial_images": 1}),  # C, D, E wait in the queue
+                "D": (sdk, {}), "E": (sdk, {"stream": True})}
+        threads = {name: threading.Thread(target=fn, args=(name, fields)) for name, (fn, fields) in jobs.items()}
+        threads["B"].start()
+        assert wait_until(lambda: metric("step1x_running_jobs") == 1, 120)
+        for n, name in enumerate("CDE", 1):
+            threads[name].start()
+            assert wait_until(lambda n=n: metric("step1x_queue_depth") == n, 60)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads.values():
+            t.join(120)
+        assert proc.wait(60) == 0, "".join(lines)[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log = "".join(lines)
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+    assert "answered with 503" in log, log
+
+    b = out["B"]  # running when the drain ran out: stopped, and a 503 in the error shape (not uvicorn's 500)
+    assert isinstance(b, httpx.Response), b
+    assert b.status_code == 503 and b.headers["content-type"] == "application/json", (b.status_code, b.text[:200])
+    assert _is_503(b.json()["error"], b.headers["x-request-id"]) and "finished" in b.json()["error"]["message"]
+    assert b.headers["retry-after"]
+    status, request_id, events = out["C"]  # queued stream: an `error` event ends it
+    assert status == 200 and [name for name, _ in events] == ["error"], events
+    assert events[0][1]["type"] == "error" and _is_503(events[0][1]["error"], request_id)
+    d = out["D"]  # queued, through the SDK: its 503 error, parsed
+    assert isinstance(d, openai.InternalServerError) and d.status_code == 503 and d.code == "not_ready", d
+    e = out["E"]  # queued SDK stream: the SDK raises the error event's message
+    assert isinstance(e, openai.APIError) and "shut down before this job ran" in e.message, e
 
 
 def test_access_log_never_shows_link_signatures():

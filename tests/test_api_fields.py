@@ -4,7 +4,10 @@ below fails `test_every_field_has_a_sample`; a field one endpoint drops fails th
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
+import io
 import json
 import os
 import sys
@@ -24,7 +27,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 # a value other than the default for every field
 SAMPLES = {"prompt": "  two  spaces ", "n": 2, "strength": 0.5, "seed": 123, "steps": 7, "guidance_scale": 3.5,
            "negative_prompt": " neg ", "response_format": "b64_json", "size": "768x768", "stream": True,
-           "partial_images": 2, "stream_progress": True, "loras": [{"name": "fix-hand", "scale": 0.5}]}
+           "partial_images": 2, "stream_progress": True, "loras": [{"name": "fix-hand", "scale": 0.5}],
+           "output_format": "webp", "output_compression": 50}
 
 
 class Recorder:
@@ -64,16 +68,28 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+def _image(server, item: dict) -> tuple:
+    """An output image as (format, digest of its bytes), from a link (with its content type) or from base64."""
+    if "url" in item:
+        r = httpx.get(item["url"], timeout=30)
+        data, kind = r.content, r.headers["content-type"]
+    else:
+        data, kind = base64.b64decode(item["b64_json"].split(",")[-1]), "b64"
+    return kind, Image.open(io.BytesIO(data)).format, hashlib.sha256(data).hexdigest()
+
+
 def _observe(server, response: httpx.Response) -> tuple:
-    """What a field can change: the pipeline's request (all but the image) and the answer's shape."""
+    """What a field can change: the pipeline's request (all but the image) and the answer's shape and images."""
     assert response.status_code == 200, response.text[:300]
     req = dataclasses.asdict(dataclasses.replace(server.recorder.requests[-1], image=None))
     if response.headers["content-type"].startswith("text/event-stream"):
         # (event names start with image_generation. / image_edit. by endpoint: compare what follows)
-        shape = [line.split(":", 1)[1].strip().split(".")[-1] for line in response.text.splitlines()
-                 if line.startswith("event:")]
+        events = [json.loads(line[len("data:"):]) for line in response.text.splitlines() if line.startswith("data:")]
+        shape = [(e["type"].split(".")[-1], e.get("output_format"), e.get("b64_json") and _image(server, e))
+                 for e in events]
     else:
-        shape = sorted(response.json()["data"][0])
+        data = response.json()["data"]
+        shape = (sorted(data[0]), [_image(server, item) for item in data])
     return req, shape
 
 
@@ -96,6 +112,8 @@ def test_every_field_has_a_sample():
 @pytest.mark.parametrize("field", sorted(SAMPLES))
 def test_field_reaches_the_pipeline_alike_through_json_and_multipart(server, field):
     base = {"stream": True} if field in ("partial_images", "stream_progress") else {}  # (they shape streams only)
+    if field == "output_compression":
+        base = {"output_format": "jpeg"}  # (the quality of jpeg and webp; png is lossless and ignores it)
     fields = {**base, field: SAMPLES[field]}
     default = _observe(server, _json(server, base))
     by_json = _observe(server, _json(server, fields))

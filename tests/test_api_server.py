@@ -284,6 +284,9 @@ BAD_FIELDS = [
     ({"stream": "true"}, "'stream'"), ({"partial_images": 4}, "'partial_images'"), ({"image": ""}, "'image'"), ({"image": "%%%notbase64"}, "'image'"),
     ({"image": base64.b64encode(b"just some text, not an image").decode()}, "'image'"),
     ({"image": base64.b64encode(b"GIF89a" + b"\0" * 30).decode()}, "'image'"),
+    ({"output_format": "gif"}, "'output_format'"), ({"output_format": "PNG"}, "'output_format'"),
+    ({"output_compression": 101}, "'output_compression'"), ({"output_compression": -1}, "'output_compression'"),
+    ({"output_compression": 50.5}, "'output_compression'"), ({"output_compression": "50"}, "'output_compression'"),
 ]
 
 
@@ -451,6 +454,9 @@ def test_data_uri_b64_style_public_base_url_and_link_expiry(aux):
     resp = c.images.generate(model=MODEL, prompt="p", response_format="b64_json",
                              extra_body={"image": data_uri(), "steps": 1})
     assert resp.data[0].b64_json.startswith("data:image/png;base64,")
+    resp = c.images.generate(model=MODEL, prompt="p", response_format="b64_json", output_format="jpeg",
+                             extra_body={"image": data_uri(), "steps": 1})  # the media type follows the format
+    assert resp.data[0].b64_json.startswith("data:image/jpeg;base64,/9j/")
     resp = c.images.generate(model=MODEL, prompt="p", extra_body={"image": data_uri(), "steps": 1, "seed": 3})
     url = resp.data[0].url
     assert url.startswith("https://img.example.test/base/v1/files/images/")

@@ -234,14 +234,31 @@ def test_shutdown_drains_admitted_work_and_refuses_new():
 
 
 def test_shutdown_timeout_fails_what_is_left():
+    """Every admitted job gets an answer: the queued one and the running one (it used to be left running, so its
+    client waited until uvicorn cut the connection with a plain-text 500); then the running call is stopped at its
+    next step and waited for (a process exiting under a torch call aborts)."""
     stand = Stand()
     engine = _engine(stand)
-    _hold(stand, engine)
+    running = _hold(stand, engine)
     queued = engine.submit(Req(key="x"))
+    answered_before_the_step_ended: list[bool] = []
+
+    def next_step() -> None:  # the held step ends 1 s after the drain's 0.2 s
+        answered_before_the_step_ended.append(running.future.done() and queued.future.done())
+        stand.gate.set()
+
+    threading.Timer(1.2, next_step).start()
     assert engine.shutdown(0.2) is False
-    with pytest.raises(EngineClosed):
+    assert answered_before_the_step_ended == [True]
+    with pytest.raises(EngineClosed, match="before this job ran"):
         queued.future.result(0)
-    stand.gate.set()
+    with pytest.raises(EngineClosed, match="before this job finished"):
+        running.future.result(0)
+    assert running.cancelled and not engine._thread.is_alive()  # stopped at its next step, and waited for
+    assert len(stand.calls) == 1  # the queued job never ran
+    assert engine.metrics.registry.get_sample_value("step1x_jobs_total", {"outcome": "shutdown"}) == 2
+    t0 = time.monotonic()
+    assert engine.shutdown(30) is False and time.monotonic() - t0 < 1  # later calls: the first one's result
 
 
 def test_not_ready_while_loading_and_after_a_failed_load():

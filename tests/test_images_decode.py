@@ -1,17 +1,22 @@
-"""Input image handling (`api/images.py`): the `image` string forms, formats, limits, bombs, EXIF orientation."""
+"""Image handling (`api/images.py`): the `image` string forms, formats, limits, bombs, EXIF orientation; and the
+outputs' encoding (`encode_image`, `encode_images`)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import struct
+import threading
 import zlib
 
 import pytest
 from PIL import Image
 
 from step1x_edit.api.errors import APIError
-from step1x_edit.api.images import ImageLimits, encode_png, open_image, parse_image_field
+import numpy as np
+
+from step1x_edit.api import images
+from step1x_edit.api.images import ImageLimits, encode_image, encode_images, open_image, parse_image_field
 
 LIMITS = ImageLimits(max_bytes=200_000, max_pixels=500 * 500)
 
@@ -153,7 +158,36 @@ def test_first_frame_of_animated_webp():
     assert out.convert("RGB").getpixel((8, 8))[0] > 200
 
 
-def test_png_encoding_is_deterministic():
-    img = Image.new("RGB", (33, 17), (1, 2, 3))
-    assert encode_png(img) == encode_png(img.copy())
-    assert Image.open(io.BytesIO(encode_png(img))).format == "PNG"
+@pytest.mark.parametrize("fmt,pil", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_encoding_is_deterministic_in_every_format(fmt, pil):
+    img = Image.radial_gradient("L").convert("RGB").resize((96, 64))
+    data = encode_image(img, fmt)
+    assert data == encode_image(img.copy(), fmt)  # same pixels -> same bytes (no timestamps)
+    out = Image.open(io.BytesIO(data))
+    assert out.format == pil and out.size == img.size
+    if fmt == "png":  # lossless, at any output_compression (ignored for png, as in OpenAI's API)
+        assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(img))
+        assert encode_image(img, fmt, 0) == encode_image(img, fmt, 100) == data
+    else:  # output_compression is the quality; OpenAI's default is 100
+        assert encode_image(img, fmt, 100) == data and len(encode_image(img, fmt, 5)) < len(data)
+    rgba = img.convert("RGBA")
+    assert Image.open(io.BytesIO(encode_image(rgba, fmt))).format == pil  # JPEG has no alpha: converted
+
+
+def test_images_are_encoded_in_parallel_with_the_serial_bytes_in_order(monkeypatch):
+    photos = [Image.effect_mandelbrot((128, 96), (-2 + i / 4, -1.2, 1, 1.2), 60 + i).convert("RGB") for i in range(4)]
+    serial = [encode_image(img, "png") for img in photos]
+    assert len(set(serial)) == 4
+    threads: list[str] = []
+    real = images.encode_image
+
+    def spy(img, fmt="png", compression=None):
+        threads.append(threading.current_thread().name)
+        return real(img, fmt, compression)
+
+    monkeypatch.setattr(images, "encode_image", spy)
+    assert encode_images(photos, "png") == serial
+    assert all(name.startswith("step1x-encode") for name in threads) and len(threads) == 4
+    threads.clear()
+    assert encode_images(photos[:1], "webp", 50) == [real(photos[0], "webp", 50)]
+    assert threads == [threading.current_thread().name]  # one image: no thread hop

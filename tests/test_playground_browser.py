@@ -87,7 +87,7 @@ def test_playground_edit_in_a_real_browser(srv, examples_dir):
 
             # the defaults are values, drawn like values (they were grey, like placeholders)
             ink = page.evaluate("getComputedStyle(document.getElementById('prompt')).color")
-            for field in ("steps", "guidance", "strength", "seed", "n", "partial", "size", "negative"):
+            for field in ("steps", "guidance", "strength", "seed", "n", "partial", "size", "format", "negative"):
                 color = page.evaluate(f"getComputedStyle(document.getElementById('{field}')).color")
                 assert color == ink, (field, color, ink)
             assert page.evaluate("getComputedStyle(document.querySelector('label')).color") != ink
@@ -123,6 +123,7 @@ def test_playground_edit_in_a_real_browser(srv, examples_dir):
             page.fill("#steps", "4")
             page.fill("#partial", "2")
             page.fill("#seed", "1234")
+            page.select_option("#format", "webp")  # OpenAI's output_format: previews and results in WebP
             page.evaluate("""() => {
                 window.barValues = [];
                 const bar = document.getElementById('progress');
@@ -143,7 +144,9 @@ def test_playground_edit_in_a_real_browser(srv, examples_dir):
             assert page.evaluate("[document.getElementById('progress').value, document.getElementById('progress').max]") == [4, 4]
             assert page.inner_text(".card .seed") == "seed 1234"
             assert "seed 1234" in page.inner_text("#status") and "1024x1536" in page.inner_text("#status")
-            assert page.get_attribute(".card a", "download") == "step1x-edit-1234.png"
+            assert page.get_attribute(".card a", "download") == "step1x-edit-1234.webp"
+            assert set(page.evaluate("window.step1x.events.filter(e => e.b64_json).map(e => e.output_format)")) == {
+                "webp"}
             assert page.is_visible("#compare")
             page.wait_for_function("document.getElementById('cmp-after').naturalWidth === 1024")
             assert page.evaluate("document.getElementById('cmp-before').naturalHeight") == 1536

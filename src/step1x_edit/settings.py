@@ -81,7 +81,8 @@ class Settings(BaseSettings):
                                 le=10_000)
     request_timeout_s: float = _opt(ENGINE, "seconds before a request gives 504", default=600.0, gt=0,
                                     flag="--request-timeout")
-    shutdown_timeout_s: float = _opt(ENGINE, "graceful shutdown: how long to drain admitted work", default=60.0, ge=0)
+    shutdown_timeout_s: float = _opt(ENGINE, "graceful shutdown: how long admitted work may still run; what is "
+                                             "unfinished then is answered with 503", default=60.0, ge=0)
 
     # --- input limits ------------------------------------------------------------------------------------------
     max_body_bytes: int = _opt(LIMITS, "largest request body (413 beyond)", default=32 * 1024 * 1024, ge=1024)
@@ -110,7 +111,8 @@ class Settings(BaseSettings):
                                                       "replica, at least 32 characters)", default=None, cli=False)
     janitor_interval_s: float = _opt(OUTPUTS, "seconds between sweeps of expired outputs", default=3600.0, gt=0)
     b64_json_style: Literal["plain", "data_uri"] = _opt(
-        OUTPUTS, "b64_json as plain base64 (OpenAI's form) or as data:image/png;base64,... (the hosted example's)",
+        OUTPUTS, "b64_json as plain base64 (OpenAI's form) or as a data URI, data:image/png;base64,... (the hosted "
+        "example's; the media type follows output_format)",
         default="plain", flag="--b64-style")
     # An object store instead of storage_dir (storage/s3.py; needs the [s3] extra). Credentials: the standard AWS
     # chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles); region: AWS_DEFAULT_REGION.

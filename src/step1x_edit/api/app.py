@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -97,15 +98,31 @@ def create_app(settings: Settings | None = None, *, pipeline_factory: Callable[[
             yield
         finally:
             janitor.cancel()
-            log.info("shutting down: draining admitted work (up to %g s)", settings.shutdown_timeout_s)
-            drained = await anyio.to_thread.run_sync(engine.shutdown, settings.shutdown_timeout_s)
-            if not drained:
-                log.warning("shutdown timed out; unfinished jobs were failed")
+            await drain()  # at once when `serve` (api/shutdown.DrainingServer) already drained on SIGTERM
+
+    async def drain() -> bool:
+        """Stop admission, let the engine finish admitted work for up to `shutdown_timeout_s`, answer the rest with
+        503 (api/shutdown.py runs this before uvicorn closes connections). The engine's shutdown blocks, so it runs
+        on a daemon thread: a forced exit (a second signal) must not wait for it, as it would for a pool thread."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+
+        def run() -> None:
+            try:
+                result: bool | BaseException = engine.shutdown(settings.shutdown_timeout_s)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                result = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone (forced exit): nobody waits any more
+                loop.call_soon_threadsafe(_resolve, done, result)
+
+        threading.Thread(target=run, name="step1x-drain", daemon=True).start()
+        return await done
 
     app = FastAPI(title="Step1X-Edit server", version=__version__, lifespan=lifespan,
                   description=f"OpenAI-compatible image editing with {MODEL_ID}. See the schemas for the fields "
                               "that are ignored.")
     app.state.server = server
+    app.state.drain = drain
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes, metrics=metrics,
                        body_timeout_s=settings.body_timeout_s, metrics_open=settings.metrics_open,
@@ -217,6 +234,15 @@ def _add_routes(app: FastAPI, server: Server) -> None:
                         401: {**_ERR, "description": "Missing or invalid API key (STEP1X_METRICS_OPEN=1: none needed)"}})
     async def metrics() -> Response:
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _resolve(future: asyncio.Future, result: Any) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _model_card(server: Server) -> dict[str, Any]:

@@ -34,13 +34,19 @@ class _RedactLinkSignatures(logging.Filter):
         return True
 
 
+# After the engine's drain (api/shutdown.py), how long uvicorn waits for the answers to be written: output encoding
+# and storage of jobs that finished at the end of the drain, 503s and `error` events to slow readers. uvicorn's
+# timer starts only once the drain is over, so a stop takes at most shutdown_timeout_s + this.
+ANSWER_GRACE_S = 30.0
+
+
 def uvicorn_options(settings) -> dict:  # noqa: ANN001 - Settings
-    """The `uvicorn.Config` arguments `serve` runs with; the tests start their servers with the same."""
+    """The `uvicorn.Config` arguments `serve` runs with; the tests start their servers with the same (and the same
+    server class, `shutdown.DrainingServer`)."""
     from .httpserver import uvicorn_http_options
 
     return dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.shutdown_timeout_s or None, proxy_headers=True,
-                **uvicorn_http_options(settings))
+                timeout_graceful_shutdown=ANSWER_GRACE_S, proxy_headers=True, **uvicorn_http_options(settings))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -59,6 +65,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .shutdown import DrainingServer
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(settings.log_level.upper())  # also when the caller configured logging first
@@ -78,7 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
           flush=True)
     logging.getLogger("uvicorn.access").addFilter(_RedactLinkSignatures())
     config = uvicorn.Config(app, **uvicorn_options(settings))
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)  # SIGTERM: the engine drains (503 for what is left) before connections close
     # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal with the handlers it found installed. These
     # handlers make that re-raise a no-op, so a graceful stop exits with status 0 instead of "killed by signal".
     # (Before uvicorn installs its own, they ask for the same graceful stop.)

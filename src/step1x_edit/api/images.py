@@ -4,6 +4,9 @@ Everything a client sends is hostile until proven otherwise: sizes are checked b
 length before decoding, the header's pixel count before the pixels are decoded), only PNG/JPEG/WebP are opened,
 and the image is handed on as decoded (EXIF orientation, colour modes: the pipeline's `prepare` deals with those,
 for the API and the CLI alike). Links are fetched by `links.py` and end up here as bytes.
+
+The other direction too: `encode_image` / `encode_images` turn the pipeline's outputs into PNG, JPEG or WebP bytes
+(OpenAI's `output_format` and `output_compression`).
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from PIL import Image, UnidentifiedImageError
 
@@ -110,8 +116,45 @@ def open_image(data: bytes, limits: ImageLimits, field: str = "image") -> Image.
         raise bad_request(f"'{field}' could not be decoded: {exc}", code="invalid_image") from None
 
 
-def encode_png(img: Image.Image) -> bytes:
-    """Deterministic PNG bytes (no timestamps), so the same request gives byte-identical files."""
+# --- outputs -------------------------------------------------------------------------------------------------------
+# The output formats of OpenAI's image API (`output_format`); media types and file names are the store's
+# (storage/base.py FORMATS), so a link, a data URI and an event name the same type for the same bytes.
+OutputFormat = Literal["png", "jpeg", "webp"]
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+# PNG's zlib level, picked by measurement (bench/encode.py, table in bench/ENCODING.md): on real 1024x1536 photos
+# level 1 encodes in about 0.6x the time of level 4 (the level used before) for files ~7 % larger, and has the least
+# encode + send time at 100 Mbit/s of all levels. PNG is lossless: the level never changes a pixel.
+PNG_LEVEL = 1
+# OpenAI: `output_compression` "defaults to 100" and applies to jpeg and webp only.
+DEFAULT_QUALITY = 100
+# Pillow's encoders release the GIL, so an n-image answer encodes on several cores at once (bench/ENCODING.md).
+# One pool for all requests (its threads start on first use), so concurrent answers share a bounded set of threads.
+_ENCODERS = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="step1x-encode")
+
+
+def encode_image(img: Image.Image, fmt: str = "png", compression: int | None = None) -> bytes:
+    """One output image as `fmt` (png | jpeg | webp) bytes, deterministic (no timestamps or other metadata): the
+    same pixels and arguments always give the same bytes.
+
+    `compression` is OpenAI's `output_compression` (0-100): for JPEG and WebP the encoder's quality (100, the
+    default as in OpenAI's API, loses least; WebP stays lossy); for PNG, which is lossless, it is ignored as
+    OpenAI's API ignores it there (a client copying OpenAI's example sends 100 with png, which must not select the
+    slowest zlib level) and the PNG is written at `PNG_LEVEL`."""
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}")
+    if img.mode not in ("RGB", "L"):  # JPEG has no alpha; the pipeline's outputs are RGB already
+        img = img.convert("RGB")
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=4)
+    if fmt == "png":
+        img.save(buf, format="PNG", compress_level=PNG_LEVEL)
+    else:
+        quality = DEFAULT_QUALITY if compression is None else compression
+        img.save(buf, format=fmt.upper(), quality=quality)
     return buf.getvalue()
+
+
+def encode_images(images: list[Image.Image], fmt: str = "png", compression: int | None = None) -> list[bytes]:
+    """`encode_image` for each image, several at once on a shared thread pool; results in order."""
+    if len(images) <= 1:
+        return [encode_image(img, fmt, compression) for img in images]
+    return list(_ENCODERS.map(lambda img: encode_image(img, fmt, compression), images))

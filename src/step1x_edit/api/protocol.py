@@ -8,9 +8,10 @@ value is a 400, never coerced or clamped (design.md); an explicit `null` means "
 
 Fields other OpenAI clients send and this model has no use for are ignored: `size` values other than
 `512x512`/`768x768`/`1024x1024` (e.g. `auto`), `user`, `quality`, `style`, `background`, `moderation`,
-`output_format`, `output_compression`, `input_fidelity`, `safety_identifier`, `mask` (edits), and any other
-unknown field. `stream: true` (with `partial_images` 0-3 and this server's `stream_progress`) answers with
-server-sent events instead of JSON (api/streaming.py).
+`input_fidelity`, `safety_identifier`, `mask` (edits), and any other unknown field. `output_format` and
+`output_compression` (OpenAI's) pick the encoding of the outputs (api/images.py `encode_image`). `stream: true`
+(with `partial_images` 0-3 and this server's `stream_progress`) answers with server-sent events instead of JSON
+(api/streaming.py).
 
 `loras` (this server's extension) is the one structured field: a list of `{"name", "scale"}` objects. In a multipart
 form it travels as JSON text (`loras=[{"name": "fix-hand", "scale": 0.8}]`) or, as the `openai` SDK flattens
@@ -33,6 +34,7 @@ from .. import MODEL_ID
 from ..pipeline.types import (DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_LORA_SCALE, MAX_LORAS,
                               MAX_SEED, EditRequest, LoraChoice)
 from .errors import bad_request, describe_validation_errors
+from .images import OutputFormat
 
 SEED_MAX = MAX_SEED
 MAX_PROMPT_CHARS = 8192
@@ -87,6 +89,11 @@ class EditParams(_NullIsDefault):
     size: str | None = Field(None, max_length=64,
                              description="`512x512`, `768x768` or `1024x1024` picks the working area; "
                                          "other values (e.g. `auto`) are ignored")
+    output_format: OutputFormat = Field(
+        "png", description="Format of the output images (links, b64_json and stream events alike)")
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="0-100: the JPEG/WebP quality (default 100, as in OpenAI's API; lower = "
+                                        "smaller files); ignored for png, which is lossless (as in OpenAI's API)")
     stream: bool = Field(False, description="true: answer with server-sent events (`text/event-stream`): "
                          "`partial_images` previews, then one `.completed` event per image (see the README)")
     partial_images: int = Field(0, ge=0, le=3,
@@ -138,8 +145,8 @@ class EditFormParams(EditParams):
 
 # --- responses ---------------------------------------------------------------------------------------------------
 class ImageData(BaseModel):
-    url: str | None = Field(None, description="Signed link to the PNG (response_format=url)")
-    b64_json: str | None = Field(None, description="Base64 PNG (response_format=b64_json)")
+    url: str | None = Field(None, description="Signed link to the image (response_format=url)")
+    b64_json: str | None = Field(None, description="The image in base64 (response_format=b64_json)")
     seed: int = Field(description="The seed this image used (reproduces it alone)")
 
 

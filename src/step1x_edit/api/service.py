@@ -2,7 +2,8 @@
 
 The walk: `submit_edit` (readiness, the input image fetched and decoded in a thread, then the engine prepares and
 queues the request — also in a thread, since preparing resizes the image) -> `wait_for_job` (the result, watching
-the deadline and the client) -> `store_outputs` (PNG encoded, then a link from the store or base64) -> the body.
+the deadline and the client) -> `store_outputs` (encoded in the request's `output_format`, several images at once,
+then a link from the store) or `encode_b64` -> the body.
 Cheap checks come first; an abandoned or late job is dropped from the queue (or stopped between steps) instead of
 burning the GPU.
 """
@@ -28,8 +29,9 @@ from ..engine.worker import Aborted, Engine, NotReady, OutOfMemory
 from ..pipeline.types import EditResult, JobEvent
 from ..settings import Settings
 from ..storage import ImageStore, StorageError, StorageFull, StorageUnavailable
+from ..storage.base import FORMATS
 from .errors import APIError, bad_request, request_id_of
-from .images import ImageLimits, ImageRef, encode_png, open_image
+from .images import ImageLimits, ImageRef, encode_images, open_image
 from .links import LinkFetcher
 from .protocol import EditParams
 
@@ -66,13 +68,13 @@ async def run_edit(server: Server, request: Request, params: EditParams, image: 
     note_replica(request, job)
     t1 = time.monotonic()
     if params.response_format == "url":
-        names = await anyio.to_thread.run_sync(store_outputs, server, result.images)
+        names = await anyio.to_thread.run_sync(store_outputs, server, params, result.images)
         base = (server.settings.public_base_url or str(request.base_url)).rstrip("/")
         links = [server.store.link(name) for name in names]
         data = [{"url": base + link if link.startswith("/") else link, "seed": seed}
                 for link, seed in zip(links, result.seeds, strict=True)]
     else:
-        encoded = await anyio.to_thread.run_sync(encode_b64, server, result.images)
+        encoded = await anyio.to_thread.run_sync(encode_b64, server, params, result.images)
         data = [{"b64_json": b64, "seed": seed} for b64, seed in zip(encoded, result.seeds, strict=True)]
     server.metrics.observe_stage("output", time.monotonic() - t1)
     return {"created": created, "data": data, "usage": usage_of(result)}
@@ -112,22 +114,23 @@ async def submit_edit(server: Server, params: EditParams, image: ImageRef, *,
         raise bad_request(str(exc)) from None
 
 
-def encode_b64(server: Server, images: list[Any]) -> list[str]:
-    """Base64 PNGs in the server's `b64_json` style (plain, or as a data URI)."""
-    out = []
-    for img in images:
-        b64 = base64.b64encode(encode_png(img)).decode("ascii")
-        out.append("data:image/png;base64," + b64 if server.settings.b64_json_style == "data_uri" else b64)
-    return out
+def encode_b64(server: Server, params: EditParams, images: list[Any]) -> list[str]:
+    """The images in the request's `output_format`, base64 in the server's `b64_json` style (plain, or as a data
+    URI with the format's media type)."""
+    prefix = f"data:{FORMATS[params.output_format][1]};base64," if server.settings.b64_json_style == "data_uri" else ""
+    return [prefix + base64.b64encode(data).decode("ascii")
+            for data in encode_images(images, params.output_format, params.output_compression)]
 
 
-def store_outputs(server: Server, images: list[Any]) -> list[str]:
-    """Encode and store every image; all or nothing: outputs of this request already stored are removed when a
-    later one fails (they would be orphans nobody has a link to). Returns the stored names."""
+def store_outputs(server: Server, params: EditParams, images: list[Any]) -> list[str]:
+    """Encode (in the request's `output_format`, several images at once) and store every image; all or nothing:
+    outputs of this request already stored are removed when a later one fails (they would be orphans nobody has a
+    link to). Returns the stored names."""
+    encoded = encode_images(images, params.output_format, params.output_compression)
     names: list[str] = []
     try:
-        for img in images:
-            names.append(server.store.put(encode_png(img), "png"))
+        for data in encoded:
+            names.append(server.store.put(data, params.output_format))
     except StorageError as exc:
         for name in names:
             with contextlib.suppress(StorageError, OSError):

@@ -11,9 +11,10 @@ What a stream carries, in order (each event is `event: <type>` plus one `data:` 
   whole request's `usage` (the same object on each; count it once).
 
 `<prefix>` is `image_generation` on /v1/images/generations and `image_edit` on /v1/images/edits (the `type` values of
-the `openai` SDK's `ImageGenStreamEvent` / `ImageEditStreamEvent`). Images are always `b64_json` (PNG, the input's
-size, in the server's b64 style); `response_format` does not apply to streams. Fields OpenAI's events require
-and that mean nothing here are constants: `quality` "auto", `background` "opaque", `output_format` "png".
+the `openai` SDK's `ImageGenStreamEvent` / `ImageEditStreamEvent`). Images are always `b64_json` (at the input's
+size, in the request's `output_format` and `output_compression`, previews included, and in the server's b64
+style); `output_format` in each event names that format; `response_format` does not apply to streams. Fields
+OpenAI's events require and that mean nothing here are constants: `quality` "auto", `background` "opaque".
 
 Everything that can be refused is refused before the stream starts, as the usual JSON error with its status (400,
 401, 404, 413, 429, 503). A failure after that (pipeline error, timeout, shutdown) is an `error` event whose data
@@ -41,7 +42,7 @@ from starlette.types import Receive, Scope, Send
 from ..engine.worker import Aborted
 from ..pipeline.types import Preview, Progress, Started
 from .errors import APIError, ErrorDetail, error_body, request_id_of
-from .images import ImageRef
+from .images import ImageRef, OutputFormat
 from .protocol import EditParams
 from .service import Server, client_gone, encode_b64, job_error, note_replica, submit_edit, timed_out, usage_of
 
@@ -65,12 +66,12 @@ class StreamUsage(BaseModel):
 
 
 class _ImageEventBase(BaseModel):
-    b64_json: str = Field(description="Base64 PNG at the input image's size")
+    b64_json: str = Field(description="The image in base64 (in `output_format`) at the input image's size")
     created_at: int = Field(description="Unix time (s) the event was made")
     size: str = Field(description="WIDTHxHEIGHT of the image")
     quality: Literal["auto"] = "auto"
     background: Literal["opaque"] = "opaque"
-    output_format: Literal["png"] = "png"
+    output_format: OutputFormat = Field(description="The request's output_format: the format of `b64_json`")
     image_index: int = Field(description="Which of the request's `n` images (0-based)")
 
 
@@ -196,10 +197,11 @@ async def stream_edit(server: Server, request: Request, params: EditParams, imag
             elif isinstance(item, Progress) and params.stream_progress:
                 yield progress(item.step, item.total)
             elif isinstance(item, Preview):
-                encoded = await anyio.to_thread.run_sync(encode_b64, server, item.images)
+                encoded = await anyio.to_thread.run_sync(encode_b64, server, params, item.images)
                 kind = f"{prefix}.partial_image"
                 for i, (b64, img) in enumerate(zip(encoded, item.images, strict=True)):
-                    yield sse(kind, {"type": kind, **_image_fields(b64, img.size), "partial_image_index": partial_index,
+                    yield sse(kind, {"type": kind, **_image_fields(b64, img.size, params),
+                                     "partial_image_index": partial_index,
                                      "image_index": i, "step": item.step, "total_steps": item.total})
                 partial_index += 1
 
@@ -211,22 +213,22 @@ async def stream_edit(server: Server, request: Request, params: EditParams, imag
             return
         result = future.result()
         t0 = time.monotonic()
-        encoded = await anyio.to_thread.run_sync(encode_b64, server, result.images)
+        encoded = await anyio.to_thread.run_sync(encode_b64, server, params, result.images)
         server.metrics.observe_stage("output", time.monotonic() - t0)
         usage = usage_of(result)
         kind = f"{prefix}.completed"
         for i, (b64, img, seed) in enumerate(zip(encoded, result.images, result.seeds, strict=True)):
             if i == len(encoded) - 1:
                 state["finished"] = True
-            yield sse(kind, {"type": kind, **_image_fields(b64, img.size), "image_index": i, "seed": seed,
+            yield sse(kind, {"type": kind, **_image_fields(b64, img.size, params), "image_index": i, "seed": seed,
                              "usage": usage})
 
     return EventStreamResponse(events(), on_close)
 
 
-def _image_fields(b64: str, size: tuple[int, int]) -> dict[str, Any]:
+def _image_fields(b64: str, size: tuple[int, int], params: EditParams) -> dict[str, Any]:
     return {"b64_json": b64, "created_at": int(time.time()), "size": f"{size[0]}x{size[1]}", "quality": "auto",
-            "background": "opaque", "output_format": "png"}
+            "background": "opaque", "output_format": params.output_format}
 
 
 def _error(err: APIError, request_id: str | None) -> bytes:

@@ -36,6 +36,11 @@ log = logging.getLogger("step1x_edit.engine")
 __all__ = ["Engine", "EngineClosed", "NotReady", "PipelineLike", "QueueFull", "Aborted", "OutOfMemory"]
 
 
+# After a drain that ran out of time: how long to wait for the cancelled pipeline call to stop at its next step
+# (one denoising step, or a VAE decode or encoder pass, which cannot be interrupted).
+STOP_WAIT_S = 30.0
+
+
 class PipelineLike(Protocol):
     """Everything the engine asks of `pipeline.edit.EditPipeline`: prepare a request at admission (any thread;
     ValueError = the client's mistake), run a batch of prepared requests with equal keys on the worker thread
@@ -94,6 +99,12 @@ class Engine:
         self._running: list[Job] = []
         self.lost_reason: str | None = None
         self._lost_listeners: list[Callable[[str], None]] = []
+        # Every admitted job until its future is settled, wherever it is (queued, taken, running): what a drain
+        # that runs out of time must answer.
+        self._admitted: set[Job] = set()
+        self._admitted_lock = threading.Lock()
+        self._shutdown_lock = threading.Lock()
+        self._drained: bool | None = None  # the result of the shutdown, once it has run
         if metrics is not None:
             metrics.bind_engine(self.stats, lambda: self.ready)
 
@@ -122,16 +133,39 @@ class Engine:
         return ""
 
     def shutdown(self, timeout: float) -> bool:
-        """Stop admission, let queued and running jobs finish for up to `timeout` s, then fail what is left.
-        Returns True when everything drained."""
-        self.queue.close()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        leftovers = self.queue.clear()
-        for job in leftovers:
-            if not job.future.done():
-                job.future.set_exception(EngineClosed("the server shut down before this job ran"))
-        return not self._thread.is_alive() and not leftovers
+        """Stop admission, let queued and running jobs finish for up to `timeout` s, then fail every admitted job
+        still unanswered — queued, or in the running batch, which then stops at its next step — with EngineClosed
+        (HTTP 503, or a stream's `error` event). Returns True when everything drained. Only the first call drains;
+        later ones (the app's lifespan, after `serve` drained on SIGTERM) return its result at once."""
+        with self._shutdown_lock:
+            if self._drained is not None:
+                return self._drained
+            log.info("shutting down: draining admitted work (up to %g s)", timeout)
+            self.queue.close()
+            if self._thread.is_alive():
+                self._thread.join(timeout)
+            self.queue.clear()
+            with self._admitted_lock:
+                unanswered = [job for job in self._admitted if not job.future.done()]
+            for job in unanswered:
+                ran = job.started_at is not None
+                # settled before cancelling: cancelling first would cancel a queued job's future (a 504, not a 503)
+                _settle(job, exc=EngineClosed("the server shut down before this job " + ("finished" if ran else "ran")))
+                job.cancel("shutdown")  # a running batch stops between steps once all its jobs are cancelled
+            if unanswered:
+                log.warning("shutdown: %d admitted job(s) unfinished after %g s were answered with 503",
+                            len(unanswered), timeout)
+                if self.metrics:
+                    self.metrics.jobs.labels("shutdown").inc(len(unanswered))
+            self._drained = not self._thread.is_alive() and not unanswered
+            if self._thread.is_alive() and self.pipeline is not None:  # (a pipeline still loading cannot be stopped)
+                # The answers are out; now let the cancelled call reach its next step and return: a process that
+                # exits while the worker is inside a torch call aborts ("terminate called without an active
+                # exception") instead of exiting cleanly.
+                self._thread.join(STOP_WAIT_S)
+                if self._thread.is_alive():
+                    log.warning("the worker is still inside a pipeline call %g s after the drain", STOP_WAIT_S)
+            return self._drained
 
     def add_lost_listener(self, listener: Callable[[str], None]) -> None:
         """`listener(reason)` once the pipeline is lost (see `lost`); `serve` stops the server on it."""
@@ -146,7 +180,9 @@ class Engine:
         log.error("pipeline lost: %s; failing the running and queued jobs", reason)
         self.queue.close()
         exc = EngineClosed(f"the pipeline stopped: {reason}")
-        jobs = [j for j in [*self._running, *self.queue.clear()] if not j.future.done()]
+        self.queue.clear()
+        with self._admitted_lock:  # queued, taken or running: every admitted job not yet answered
+            jobs = [j for j in self._admitted if not j.future.done()]
         for job in jobs:
             _settle(job, exc=exc)
         if self.metrics and jobs:
@@ -168,13 +204,22 @@ class Engine:
             raise NotReady(self.not_ready_reason())
         assert self.pipeline is not None
         job = Job(prepared=self.pipeline.prepare(request), listener=listener, replica=self.replica_id)
+        with self._admitted_lock:
+            self._admitted.add(job)
         try:
             self.queue.put(job)
-        except QueueFull:
-            if self.metrics:
+        except (QueueFull, EngineClosed) as exc:
+            with self._admitted_lock:
+                self._admitted.discard(job)
+            if self.metrics and isinstance(exc, QueueFull):
                 self.metrics.jobs.labels("rejected_full").inc()
             raise
+        job.future.add_done_callback(lambda _f: self._forget(job))
         return job
+
+    def _forget(self, job: Job) -> None:
+        with self._admitted_lock:
+            self._admitted.discard(job)
 
     def stats(self) -> dict[str, int]:
         jobs, images = self.queue.stats()
@@ -201,7 +246,7 @@ class Engine:
             batch = self.queue.take_batch(self.batch_max_images, self.batch_wait_s, limit=self._fits)
             if batch is None:
                 break
-            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            live = [j for j in batch if _claim(j)]
             try:
                 if live:
                     self._run_batch(live)
@@ -321,6 +366,15 @@ class Engine:
             for name, seconds in results[0].timings.items():
                 self.metrics.observe_stage(f"pipeline_{name}", seconds)
         return results
+
+
+def _claim(job: Job) -> bool:
+    """Mark a taken job's future running; False when its client cancelled it or a shutdown that ran out of time
+    answered it between `take_batch` and here."""
+    try:
+        return job.future.set_running_or_notify_cancel()
+    except RuntimeError:  # already finished (EngineClosed from `shutdown`)
+        return False
 
 
 def _notify(job: Job, event: JobEvent) -> None:

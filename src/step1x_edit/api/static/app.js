@@ -10,7 +10,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   file: null,         // the picked image (a File)
   originalUrl: null,  // object URL of it
-  results: [],        // {url, seed, size, index}
+  results: [],        // {url, seed, size, index, format}
   selected: 0,
   controller: null,   // AbortController of the running request
   events: [],         // every event received (without image data), for the log (and the browser test)
@@ -138,11 +138,13 @@ $("cmp-range").addEventListener("input", (e) => {
   $("cmp-line").style.left = x + "%";
 });
 
-function b64ToBlobUrl(b64) {
+const EXTENSIONS = { png: "png", jpeg: "jpg", webp: "webp" };  // output_format -> file extension
+
+function b64ToBlobUrl(b64, format) {
   const raw = atob(b64.replace(/^data:[^,]*,/, ""));
   const bytes = new Uint8Array(raw.length);
   for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
-  return URL.createObjectURL(new Blob([bytes], { type: "image/png" }));
+  return URL.createObjectURL(new Blob([bytes], { type: `image/${format || "png"}` }));
 }
 
 function renderOutputs() {
@@ -160,7 +162,7 @@ function renderOutputs() {
     seed.className = "seed"; seed.textContent = `seed ${r.seed}`; seed.title = "click to reuse this seed";
     seed.addEventListener("click", (e) => { e.stopPropagation(); $("seed").value = r.seed; });
     const link = document.createElement("a");
-    link.href = r.url; link.download = `step1x-edit-${r.seed}.png`; link.textContent = "Download";
+    link.href = r.url; link.download = `step1x-edit-${r.seed}.${EXTENSIONS[r.format] || "png"}`; link.textContent = "Download";
     link.addEventListener("click", (e) => e.stopPropagation());
     meta.append(seed, link);
     card.append(img, meta);
@@ -174,7 +176,7 @@ function readForm() {
   const fields = {
     model: MODEL, prompt: $("prompt").value, steps: $("steps").value, guidance_scale: $("guidance").value,
     strength: $("strength").value, seed: $("seed").value, n: $("n").value, partial_images: $("partial").value,
-    negative_prompt: $("negative").value, size: $("size").value,
+    negative_prompt: $("negative").value, size: $("size").value, output_format: $("format").value,
     response_format: "b64_json", stream: "true", stream_progress: "true",
   };
   const form = new FormData();
@@ -259,13 +261,13 @@ async function runEdit(e) {
       } else if (data.type.endsWith(".partial_image")) {
         if (data.image_index === 0) {
           if (previewUrl) URL.revokeObjectURL(previewUrl);
-          previewUrl = b64ToBlobUrl(data.b64_json);
+          previewUrl = b64ToBlobUrl(data.b64_json, data.output_format);
           showCompare(previewUrl, `preview · step ${data.step}`);
         }
       } else if (data.type.endsWith(".completed")) {
-        const url = b64ToBlobUrl(data.b64_json);
+        const url = b64ToBlobUrl(data.b64_json, data.output_format);
         const seed = exactSeed(raw, data.seed);
-        state.results.push({ url, seed, size: data.size, index: data.image_index });
+        state.results.push({ url, seed, size: data.size, index: data.image_index, format: data.output_format });
         if (state.results.length === 1) showCompare(url, `after · seed ${seed}`);
         renderOutputs();
         finished += 1;
