@@ -262,14 +262,16 @@ class EditPipeline:
             start = sampling.start_index(first.steps, first.strength) if first.strength < 1.0 else 0
             self.step_cache.begin(first.steps - start)
         with self._adapters_applied(prepared[0].loras):
-            lap("lora_switch")
+            if self.adapters is not None:  # a stage (and a device sync) only on a server with adapters
+                lap("lora_switch")
             result = sampling.sample(
                 self.dit, noise, ref_latent, cond, first.steps, guidance, self.version,
                 strength=first.strength, init_latent=init_latent, truncate=self.truncate,
                 on_step=on_step, should_stop=should_stop, on_x0=on_x0, x0_at=x0_at,
             )
             lap("denoise")
-        lap("lora_switch")  # (taking them off again counts too)
+        if self.adapters is not None:
+            lap("lora_switch")  # (taking them off again counts too)
         if self._graphs is not None and fastpath.compiled_graphs() > self._graphs:
             log.warning("this batch compiled %d new graph(s) on the worker (working size %dx%d, %d DiT rows): "
                         "requests waited for it; warm this size up (compile_warmup_sizes)",
