@@ -86,6 +86,14 @@ class RunningServer:
         self.thread.join(timeout)
 
 
+def is_ready(base_url: str, timeout: float = 2) -> bool:
+    """`GET /ready` answers 200 (False while the server is not listening yet or still loading)."""
+    try:
+        return httpx.get(base_url + "/ready", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def wait_until(check: Callable[[], bool], timeout: float = 60, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,7 +17,7 @@ import pytest
 from openai import OpenAI
 
 sys.path.insert(0, os.path.dirname(__file__))
-from server_fixtures import KEY, data_uri, free_port, wait_until  # noqa: E402
+from server_fixtures import KEY, data_uri, free_port, is_ready, wait_until  # noqa: E402
 
 from step1x_edit.api.cli_serve import add_serve_arguments, settings_from_args  # noqa: E402
 
@@ -75,12 +75,7 @@ def test_serve_answers_and_sigterm_drains_in_flight_work(tmp_path):
     reader.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        def ready() -> bool:
-            try:
-                return httpx.get(base + "/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        assert wait_until(ready, 180, 0.2), "".join(lines)
+        assert wait_until(lambda: is_ready(base), 180, 0.2), "".join(lines)
         client = OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
         results: list[object] = []
         worker = threading.Thread(target=lambda: results.append(client.images.generate(
@@ -169,12 +164,7 @@ def test_sigterm_with_more_work_than_the_drain_allows_answers_everyone(tmp_path)
             out[name] = exc
 
     try:
-        def ready() -> bool:
-            try:
-                return httpx.get(base + "/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        assert wait_until(ready, 180, 0.2), "".join(lines)
+        assert wait_until(lambda: is_ready(base), 180, 0.2), "".join(lines)
         jobs = {"B": (post, {"steps": 50, "seed": 2}),  # runs for far longer than the drain
                 "C": (stream, {"steps": 2, "seed": 3, "partial_images": 1}),  # C, D, E wait in the queue
                 "D": (sdk, {}), "E": (sdk, {"stream": True})}

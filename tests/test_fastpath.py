@@ -22,6 +22,18 @@ from step1x_edit.settings import Settings
 TOL = 1e-5
 
 
+def _fp8_dev_dit():
+    """The dev DiT with its block Linears stored in float8 (as `dit_fp8` loads them), behind FP8Linear."""
+    from step1x_edit.models.weights import use_fp8_linears_
+
+    dit = presets.build_dev_dit()
+    with torch.no_grad():
+        for name, module in dit.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_")):
+                module.weight = torch.nn.Parameter(module.weight.to(torch.float8_e4m3fn), requires_grad=False)
+    use_fp8_linears_(dit)
+    return dit
+
 def _inputs(h=16, w=16, txt=24, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     img = torch.randn(batch, 2 * (h // 2) * (w // 2), 64, generator=g)
@@ -83,19 +95,10 @@ def test_unknown_attention_backend_and_missing_packages_fail_clearly():
 def test_fused_qkv_keeps_float8_stored_weights(plain_out):
     """With the loader's `dit_fp8` (weights stored as float8_e4m3fn in FP8Linear), fusing concatenates the float8
     weights as they are: same outputs as the unfused float8 model, nothing upcast in memory."""
-    from step1x_edit.models.weights import FP8Linear, use_fp8_linears_
+    from step1x_edit.models.weights import FP8Linear
 
-    def fp8_dit():
-        dit = presets.build_dev_dit()
-        with torch.no_grad():
-            for name, module in dit.named_modules():
-                if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_")):
-                    module.weight = torch.nn.Parameter(module.weight.to(torch.float8_e4m3fn), requires_grad=False)
-        use_fp8_linears_(dit)
-        return dit
-
-    unfused = _forward(fp8_dit(), _inputs())
-    dit = fp8_dit()
+    unfused = _forward(_fp8_dev_dit(), _inputs())
+    dit = _fp8_dev_dit()
     fastpath.fuse_qkv_(dit)
     qkv = dit.transformer_blocks[0].attn.to_qkv
     assert type(qkv) is FP8Linear and qkv.weight.dtype == torch.float8_e4m3fn
@@ -106,14 +109,7 @@ def test_float8_stored_weights_go_to_scaled_mm_as_they_are(plain_out):
     """fp8_dynamic on `dit_fp8` weights: the token-wise FP8Linears multiply in float8 (torch._scaled_mm, which the
     CPU runs too) on the stored weights, instead of upcasting the whole DiT to bf16 and re-quantising it.
     Approximate (activations quantised per row), so compared by relative error; nothing is upcast in memory."""
-    from step1x_edit.models.weights import use_fp8_linears_
-
-    dit = presets.build_dev_dit()
-    with torch.no_grad():
-        for name, module in dit.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_")):
-                module.weight = torch.nn.Parameter(module.weight.to(torch.float8_e4m3fn), requires_grad=False)
-    use_fp8_linears_(dit)
+    dit = _fp8_dev_dit()
     upcast = _forward(dit, _inputs())
     stored = {n: p.data_ptr() for n, p in dit.named_parameters() if p.dtype == torch.float8_e4m3fn}
     n = fastpath.use_scaled_mm_(dit)

@@ -24,7 +24,7 @@ from openai import OpenAI
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from server_fixtures import KEY, data_uri, free_port, png_bytes, wait_until  # noqa: E402
+from server_fixtures import KEY, data_uri, free_port, is_ready, png_bytes, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -47,13 +47,7 @@ class Served:
         self.reader.start()
 
     def wait_ready(self) -> None:
-        def ready() -> bool:
-            try:
-                return httpx.get(self.base + "/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(ready, 300, 0.2), self.output
+        assert wait_until(lambda: is_ready(self.base), 300, 0.2), self.output
 
     @property
     def output(self) -> str:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from server_fixtures import KEY, data_uri, free_port, wait_until  # noqa: E402
+from server_fixtures import KEY, data_uri, free_port, is_ready, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -34,13 +34,7 @@ def _start(port: int, storage: Path, log: list[str]) -> subprocess.Popen:
     threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
     base = f"http://127.0.0.1:{port}"
 
-    def ready() -> bool:
-        try:
-            return httpx.get(base + "/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    assert wait_until(ready, 180, 0.2), "".join(log)
+    assert wait_until(lambda: is_ready(base), 180, 0.2), "".join(log)
     return proc
 
 
