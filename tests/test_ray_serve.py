@@ -166,7 +166,6 @@ def test_a_replica_killed_under_load_fails_only_its_requests_cleanly(cluster):
     assert 503 in codes and 200 in codes, codes
     for resp in answers:
         if resp.status_code == 200:
-            assert resp.headers["x-step1x-replica"] in replicas
             assert httpx.get(resp.json()["data"][0]["url"], timeout=30).content.startswith(PNG)
         else:
             error = assert_openai_error(resp, resp.status_code)
@@ -174,6 +173,10 @@ def test_a_replica_killed_under_load_fails_only_its_requests_cleanly(cluster):
     # Ray Serve replaces the dead replica; requests succeed again on two replicas
     healed = cluster.pipeline_info
     assert wait_until(lambda: len(healed()) == 2 and victim_id not in healed(), 180, 2)
+    # every success names a pipeline replica: the survivor, or the replacement (a request still waiting in Ray's
+    # router when the victim died may run there)
+    ran = {resp.headers["x-step1x-replica"] for resp in answers if resp.status_code == 200}
+    assert ran <= set(replicas) | set(healed()), (ran, set(replicas), set(healed()))
     assert edit(cluster.base, seed=1).status_code == 200
 
 
