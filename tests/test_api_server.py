@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import numpy as np
@@ -51,7 +51,7 @@ def aux(tmp_path_factory):
     server = start_server(dev_settings(
         tmp, queue_depth=1, max_body_bytes=2 * 1024 * 1024, max_image_bytes=1024 * 1024,
         max_image_pixels=1_000_000, b64_json_style="data_uri", public_base_url="https://img.example.test/base",
-        url_expiry_s=1, janitor_interval_s=0.5))
+        url_expiry_s=3, janitor_interval_s=0.5))
     yield server
     server.stop()
 
@@ -465,7 +465,8 @@ def test_data_uri_b64_style_public_base_url_and_link_expiry(aux):
     image_id = urlsplit(url).path.rsplit("/", 1)[1]
     stored = Path(aux.app.state.server.settings.storage_dir) / image_id
     assert stored.is_file()
-    time.sleep(2.1)  # links expire after 1 s on this server
+    expires = int(parse_qs(urlsplit(url).query)["expires"][0])
+    time.sleep(max(0.0, expires - time.time()) + 1.1)  # links expire after 3 s on this server
     assert httpx.get(local).status_code == 404
     assert wait_until(lambda: not stored.exists(), timeout=10)  # the janitor removed the file
 

@@ -93,6 +93,22 @@ def test_expired_link_does_not_resolve(store, clock):
     assert store.open(iid, expires, sig) is None
 
 
+def test_a_link_made_late_in_a_second_still_lives_its_full_expiry(tmp_path, clock):
+    """Expiries are whole seconds: rounding down would cut up to a second off the promise (a 1 s link could be
+    dead on arrival), so they round up, and the janitor waits that extra second before removing the file."""
+    store = LocalImageStore(tmp_path / "images", expiry_s=5, clock=clock)
+    clock.now = 1_800_000_000.9
+    name = store.put(b"x")
+    os.utime(store.directory / name, (clock.now, clock.now))
+    iid, expires, sig = _parts(store.link(name))
+    clock.now += 5
+    assert store.open(iid, expires, sig) is not None
+    assert store.expire() == 0  # the link still works, so the file stays
+    clock.now += 1.2
+    assert store.open(iid, expires, sig) is None
+    assert store.expire() == 1
+
+
 def test_janitor_deletes_only_expired_files(store, clock, tmp_path):
     old, new = store.put(b"old"), store.put(b"new")
     stale_tmp = store.directory / ".tmp-abc.png"

@@ -148,7 +148,7 @@ def test_expired_links_are_refused_and_the_janitor_deletes_their_objects(weed, t
     blob = store.open(name, q["expires"][0], q["sig"][0])
     assert blob is not None and b"".join(blob.chunks) == PNG + b"an image" and blob.media_type == "image/png"
     assert store.expire() == 0  # young: kept
-    now[0] += 61  # a minute later (the objects' LastModified is the store's clock)
+    now[0] += 62  # a minute later (+1: expiries round up to whole seconds; +1: LastModified is whole seconds) (the objects' LastModified is the store's clock)
     assert store.open(name, q["expires"][0], q["sig"][0]) is None
     assert store.expire() == 1
     assert keys_under(weed, "expiry/") == ["expiry/not-ours.txt"]  # only this server's objects go

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import time
 import uuid
@@ -60,7 +61,8 @@ def media_type(name: str) -> str:
 
 
 class LinkSigner:
-    """HMAC-SHA256 over `<name>:<expires>`; links valid for `expiry_s` from when they are made."""
+    """HMAC-SHA256 over `<name>:<expires>`; links valid for at least `expiry_s` from when they are made (the
+    expiry is rounded up to the next whole second, so a link never lives shorter than promised)."""
 
     def __init__(self, key: bytes, expiry_s: int, clock: Callable[[], float] = time.time) -> None:
         self._key, self.expiry_s, self._clock = key, int(expiry_s), clock
@@ -69,7 +71,7 @@ class LinkSigner:
         return hmac.new(self._key, f"{name}:{expires}".encode("ascii"), hashlib.sha256).hexdigest()
 
     def link(self, name: str) -> str:
-        expires = int(self._clock()) + self.expiry_s
+        expires = math.ceil(self._clock()) + self.expiry_s
         return f"{LINK_PREFIX}{name}?expires={expires}&sig={self.sign(name, expires)}"
 
     def verify(self, name: str, expires: str | None, sig: str | None) -> int | None:

@@ -85,7 +85,7 @@ class LocalImageStore(ImageStore):
 
     def expire(self) -> int:
         """Delete images (and stale temp files) older than the expiry; returns how many were removed."""
-        cutoff = self.signer.now() - self.expiry_s
+        cutoff = self.signer.now() - self.expiry_s - 1  # - 1: links round their expiry up (LinkSigner)
         removed = 0
         for path in self.directory.iterdir():
             if not (NAME.match(path.name) or path.name.startswith(".tmp-")):

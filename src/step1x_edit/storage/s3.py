@@ -182,7 +182,7 @@ class S3ImageStore(ImageStore):
     def expire(self) -> int:
         """Delete this server's objects under the prefix whose LastModified is older than the expiry (other keys
         under the prefix are left alone); returns how many were removed."""
-        cutoff = self.signer.now() - self.expiry_s
+        cutoff = self.signer.now() - self.expiry_s - 1  # - 1: links round their expiry up (LinkSigner)
         paginator = self._client.get_paginator("list_objects_v2")
         removed = 0
         try:
