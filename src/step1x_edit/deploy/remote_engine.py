@@ -156,7 +156,7 @@ class RemoteEngine:
                 self._idle.wait(left)
             leftovers = list(self._jobs)
         for job in leftovers:
-            _settle(job, exc=EngineClosed("the server shut down before this job finished"))
+            job.settle(exc=EngineClosed("the server shut down before this job finished"))
             job.cancel("shutdown")
         return not leftovers
 
@@ -205,9 +205,9 @@ class RemoteEngine:
                         except Exception:  # noqa: BLE001 - a gone listener never fails the job
                             log.debug("progress listener failed", exc_info=True)
                 elif kind == "result":
-                    _settle(job, result=value)
+                    job.settle(result=value)
             if not job.future.done():
-                _settle(job, exc=ReplicaLost("the replica's answer ended without a result; retry the request"))
+                job.settle(exc=ReplicaLost("the replica's answer ended without a result; retry the request"))
         except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's (or submit's) error
             error = translate(exc)
             if isinstance(error, ReplicaLost):
@@ -216,7 +216,7 @@ class RemoteEngine:
                 refused.append(error)  # submit is still waiting: refuse before the answer starts (400/429/503)
             elif isinstance(error, QueueFull):  # refused after submit gave up waiting: still a retry-later
                 error = ReplicaLost(f"the server is busy: {error}; retry later")
-            _settle(job, exc=error)
+            job.settle(exc=error)
         finally:
             decided.set()
             self._forget(job)
@@ -234,14 +234,3 @@ class RemoteEngine:
         return {"queued_jobs": len(queued), "queued_images": sum(j.images for j in queued),
                 "running_jobs": len(running), "running_images": sum(j.images for j in running)}
 
-
-def _settle(job: Job, *, result: Any = None, exc: BaseException | None = None) -> None:
-    if job.future.done():
-        return
-    try:
-        if exc is not None:
-            job.future.set_exception(exc)
-        else:
-            job.future.set_result(result)
-    except Exception:  # noqa: BLE001 - resolved concurrently (shutdown)
-        pass

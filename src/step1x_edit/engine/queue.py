@@ -7,12 +7,14 @@ any later ones with the same batch key, up to an image budget — and cancelled 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..pipeline.types import JobEvent, PreparedEdit
 
@@ -58,6 +60,17 @@ class Job:
             self.cancelled = True
             self.cancel_reason = reason
         return self.future.cancel()
+
+    def settle(self, *, result: Any = None, exc: BaseException | None = None) -> None:
+        """Resolve the future once; an already-resolved one (a shutdown or cancel race) is left alone. Both the
+        local worker and the Ray front end (deploy/remote_engine.py) resolve jobs through here."""
+        if self.future.done():
+            return
+        with contextlib.suppress(InvalidStateError):  # resolved concurrently
+            if exc is not None:
+                self.future.set_exception(exc)
+            else:
+                self.future.set_result(result)
 
 
 class JobQueue:

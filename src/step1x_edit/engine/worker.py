@@ -150,7 +150,7 @@ class Engine:
             for job in unanswered:
                 ran = job.started_at is not None
                 # settled before cancelling: cancelling first would cancel a queued job's future (a 504, not a 503)
-                _settle(job, exc=EngineClosed("the server shut down before this job " + ("finished" if ran else "ran")))
+                job.settle(exc=EngineClosed("the server shut down before this job " + ("finished" if ran else "ran")))
                 job.cancel("shutdown")  # a running batch stops between steps once all its jobs are cancelled
             if unanswered:
                 log.warning("shutdown: %d admitted job(s) unfinished after %g s were answered with 503",
@@ -184,7 +184,7 @@ class Engine:
         with self._admitted_lock:  # queued, taken or running: every admitted job not yet answered
             jobs = [j for j in self._admitted if not j.future.done()]
         for job in jobs:
-            _settle(job, exc=exc)
+            job.settle(exc=exc)
         if self.metrics and jobs:
             self.metrics.jobs.labels("failed").inc(len(jobs))
         for listener in self._lost_listeners:
@@ -253,7 +253,7 @@ class Engine:
             except BaseException as exc:  # noqa: BLE001 - a bug here must not kill the only worker
                 log.exception("worker error")
                 for job in live:
-                    _settle(job, exc=RuntimeError(f"worker error: {exc!r}"))
+                    job.settle(exc=RuntimeError(f"worker error: {exc!r}"))
                 self._running = []
         close = getattr(self.pipeline, "close", None)
         if close is not None:
@@ -286,7 +286,7 @@ class Engine:
             results = self._call(batch)
         except Cancelled:
             for job in batch:
-                _settle(job, exc=Aborted("cancelled by the client"))
+                job.settle(exc=Aborted("cancelled by the client"))
             if self.metrics:
                 self.metrics.jobs.labels("aborted").inc(len(batch))
             return
@@ -302,7 +302,7 @@ class Engine:
                 self._running = []
                 for job in batch:
                     if job.cancelled:
-                        _settle(job, exc=Aborted("cancelled by the client"))
+                        job.settle(exc=Aborted("cancelled by the client"))
                     else:
                         self._run_batch([job])
                 return
@@ -311,14 +311,14 @@ class Engine:
             else:
                 log.log(logging.INFO if isinstance(exc, ValueError) else logging.ERROR,
                         "pipeline call failed: %r", exc, exc_info=not isinstance(exc, ValueError))
-            _settle(batch[0], exc=exc)
+            batch[0].settle(exc=exc)
             if self.metrics:
                 self.metrics.jobs.labels("oom" if isinstance(exc, OutOfMemory) else "failed").inc()
             return
         finally:
             self._running = []
         for job, result in zip(batch, results, strict=True):
-            _settle(job, result=result)
+            job.settle(result=result)
         if self.metrics:
             self.metrics.jobs.labels("done").inc(len(batch))
 
@@ -386,15 +386,3 @@ def _notify(job: Job, event: JobEvent) -> None:
     except Exception:  # noqa: BLE001
         log.debug("progress listener failed", exc_info=True)
 
-
-def _settle(job: Job, *, result: Any = None, exc: BaseException | None = None) -> None:
-    """Resolve a job's future once; an already-resolved future (shutdown race) is left alone."""
-    if job.future.done():
-        return
-    try:
-        if exc is not None:
-            job.future.set_exception(exc)
-        else:
-            job.future.set_result(result)
-    except Exception:  # noqa: BLE001 - InvalidStateError when resolved concurrently
-        pass
