@@ -20,11 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from openai import OpenAI
 from PIL import Image
 
 SHARED = Path(os.environ.get("STEP1X_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 EXAMPLES = SHARED / "examples"
 KEY = "sk-test-0123456789abcdef"
+
+
+def client(server, key: str | None = KEY) -> OpenAI:
+    """The official client against a test server: no retries (a test sees every answer), a long timeout (2 cores)."""
+    return OpenAI(base_url=server.api, api_key=key or "unused", max_retries=0, timeout=120)
 
 
 def free_port() -> int:

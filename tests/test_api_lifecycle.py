@@ -15,10 +15,9 @@ import threading
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 sys.path.insert(0, os.path.dirname(__file__))
-from server_fixtures import data_uri, dev_settings, start_server, wait_until  # noqa: E402
+from server_fixtures import client, data_uri, dev_settings, start_server, wait_until  # noqa: E402
 
 from step1x_edit.pipeline.edit import build_pipeline  # noqa: E402
 
@@ -48,10 +47,6 @@ class Gate:
         self.event.set()
 
 
-def _client(server) -> OpenAI:
-    return OpenAI(base_url=server.api, api_key="any", max_retries=0, timeout=120)
-
-
 def test_not_ready_until_loaded_then_timeouts_stop_the_work(tmp_path, caplog):
     settings = dev_settings(tmp_path, request_timeout_s=3)
     gate = Gate(settings)
@@ -65,7 +60,7 @@ def test_not_ready_until_loaded_then_timeouts_stop_the_work(tmp_path, caplog):
         assert ready.status_code == 503 and "still loading" in ready.json()["error"]["message"]
         assert ready.headers["retry-after"] and ready.headers["x-request-id"]
         with pytest.raises(openai.InternalServerError) as exc:
-            _client(server).images.generate(model=MODEL, prompt="p", extra_body={"image": data_uri()})
+            client(server, None).images.generate(model=MODEL, prompt="p", extra_body={"image": data_uri()})
         assert exc.value.status_code == 503 and "loading" in exc.value.message
         assert exc.value.response.headers["retry-after"]
         card = httpx.get(server.api + "/models").json()["data"][0]
@@ -78,7 +73,7 @@ def test_not_ready_until_loaded_then_timeouts_stop_the_work(tmp_path, caplog):
 
         # --- past its deadline: 504, and the running batch stops at the next step -----------------------------
         with pytest.raises(openai.InternalServerError) as exc:  # 768 working size, 50 steps: minutes on CPU
-            _client(server).images.generate(model=MODEL, prompt="p", size="768x768",
+            client(server, None).images.generate(model=MODEL, prompt="p", size="768x768",
                                             extra_body={"image": data_uri(), "steps": 50})
         assert exc.value.status_code == 504 and "timed out after 3 s" in exc.value.message
         assert exc.value.type == "timeout_error" and exc.value.param == exc.value.response.headers["x-request-id"]

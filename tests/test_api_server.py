@@ -28,7 +28,7 @@ from openai import OpenAI
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from server_fixtures import (KEY, SHARED, data_uri, dev_settings, example_image, image_site, png_bytes,  # noqa: E402
+from server_fixtures import (KEY, SHARED, client, data_uri, dev_settings, example_image, image_site, png_bytes,  # noqa: E402
                              start_server, wait_until)
 
 MODEL = "stepfun-ai/step1x-edit"
@@ -54,10 +54,6 @@ def aux(tmp_path_factory):
         url_expiry_s=3, janitor_interval_s=0.5))
     yield server
     server.stop()
-
-
-def client(server, key: str | None = KEY) -> OpenAI:
-    return OpenAI(base_url=server.api, api_key=key or "unused", max_retries=0, timeout=120)
 
 
 def decode_b64(value: str) -> Image.Image:

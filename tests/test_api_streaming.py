@@ -19,7 +19,7 @@ from openai import OpenAI
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from server_fixtures import KEY, data_uri, dev_settings, example_image, png_bytes, start_server, wait_until  # noqa: E402
+from server_fixtures import KEY, client, data_uri, dev_settings, example_image, png_bytes, start_server, wait_until  # noqa: E402
 
 from step1x_edit.pipeline.types import PreparedEdit  # noqa: E402
 
@@ -32,10 +32,6 @@ def srv(tmp_path_factory):
     server = start_server(dev_settings(tmp_path_factory.mktemp("stream"), api_keys=KEY, queue_depth=4))
     yield server
     server.stop()
-
-
-def client(server) -> OpenAI:
-    return OpenAI(base_url=server.api, api_key=KEY, max_retries=0, timeout=120)
 
 
 def png_of(b64: str) -> Image.Image:

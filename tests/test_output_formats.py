@@ -13,11 +13,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from openai import OpenAI
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from server_fixtures import KEY, data_uri, dev_settings, example_image, png_bytes, start_server  # noqa: E402
+from server_fixtures import KEY, client, data_uri, dev_settings, example_image, png_bytes, start_server  # noqa: E402
 
 MODEL = "stepfun-ai/step1x-edit"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -32,10 +31,6 @@ def srv(tmp_path_factory):
     server = start_server(dev_settings(tmp_path_factory.mktemp("formats"), api_keys=KEY, queue_depth=8))
     yield server
     server.stop()
-
-
-def client(server) -> OpenAI:
-    return OpenAI(base_url=server.api, api_key=KEY, max_retries=0, timeout=120)
 
 
 def opened(data: bytes) -> Image.Image:
