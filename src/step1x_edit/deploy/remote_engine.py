@@ -233,4 +233,3 @@ class RemoteEngine:
         queued = [j for j in jobs if j.replica is None]
         return {"queued_jobs": len(queued), "queued_images": sum(j.images for j in queued),
                 "running_jobs": len(running), "running_images": sum(j.images for j in running)}
-

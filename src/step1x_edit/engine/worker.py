@@ -385,4 +385,3 @@ def _notify(job: Job, event: JobEvent) -> None:
         job.listener(event)
     except Exception:  # noqa: BLE001
         log.debug("progress listener failed", exc_info=True)
-

@@ -295,11 +295,8 @@ class EditPipeline:
         return results
 
     def _adapters_applied(self, loras: tuple[tuple[str, float], ...]):
-        if self.adapters is None:
-            if loras:
-                raise ValueError("loras: this server has no LoRA adapters (STEP1X_LORA_DIR is not set)")
-            return contextlib.nullcontext()
-        return self.adapters.applied(loras)
+        # without adapters `loras` is empty: `prepare` (via `_loras`) refused any request that named one
+        return contextlib.nullcontext() if self.adapters is None else self.adapters.applied(loras)
 
     def warmup(self, size_levels: Iterable[int], steps: int = 1, max_images: int = 1,
                shapes: Sequence[tuple[int, bool]] | None = None, guided: bool | None = None) -> dict[int, float]:
